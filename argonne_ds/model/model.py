@@ -1,0 +1,257 @@
+"""Argonne 2.0 in plain single-device PyTorch: GQA + RoPE + RMSNorm + SwiGLU, untied head.
+
+No DeepSpeed here: parallelism is applied from the outside (`pipe.py` for pipeline parallelism,
+`deepspeed.zero.Init` for ZeRO-3). Shapes: B batch, T time, C hidden, H query heads, K key/value
+heads, D head_dim, V vocab.
+
+Labels are already aligned with the inputs (`labels[:, t]` is the target of position t): the data
+pipeline makes the one and only shift (inputs = block[:-1], labels = block[1:]). The origin shifted a
+second time inside the model, silently training on t+2; here the model never shifts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from argonne_ds.config import ArgonneConfig
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+try:  # optional extra `[flash]`; builds only against CUDA
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure (missing, ABI mismatch) means "not available"
+    _flash_attn_func = None
+
+_logged_backends: set[str] = set()
+
+
+def _log_backend_once(backend: str, reason: str) -> None:
+    if backend not in _logged_backends:
+        _logged_backends.add(backend)
+        logger.info("attention backend: %s (%s)", backend, reason)
+
+
+def flash_attention_usable(q: torch.Tensor, head_dim: int) -> tuple[bool, str]:
+    """flash-attn 2 needs CUDA, fp16/bf16, and head_dim a multiple of 8 up to 256 (170 is not)."""
+    if _flash_attn_func is None:
+        return False, "flash-attn not importable"
+    if not q.is_cuda:
+        return False, "tensors not on CUDA"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"dtype {q.dtype} is not fp16/bf16"
+    if head_dim % 8 != 0 or head_dim > 256:
+        return False, f"head_dim {head_dim} unsupported by flash-attn"
+    return True, "CUDA, half precision, supported head_dim"
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the variance computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE tables. Holds no tensors: cos/sin are computed in fp32 on demand, so a
+    bf16 cast of the model cannot degrade the frequencies and no buffer needs sharding."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(
+        self, seq_len: int, device: torch.device, dtype: torch.dtype, offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, D); cos/sin: (T, D), broadcast over batch and heads."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ArgonneConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        c = config.hidden_size
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+        self.o_proj.is_residual_proj = True  # scaled init, see ArgonneModel._init_weights
+        self.dropout = config.attention_dropout
+        self.use_flash = config.use_flash_attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        usable, reason = flash_attention_usable(q, self.head_dim) if self.use_flash else (
+            False, "disabled by config")
+        if usable:
+            _log_backend_once("flash-attn", reason)
+            # flash-attn takes (B, T, heads, D) and handles GQA natively.
+            y = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 dropout_p=dropout, causal=True)
+            y = y.reshape(B, T, self.n_heads * self.head_dim)
+        else:
+            _log_backend_once("sdpa", reason)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ArgonneConfig) -> None:
+        super().__init__()
+        c, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(c, f, bias=False)
+        self.up_proj = nn.Linear(c, f, bias=False)
+        self.down_proj = nn.Linear(f, c, bias=False)
+        self.down_proj.is_residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ArgonneBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ArgonneConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.post_norm(x)))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100, in fp32. No shift: labels are pre-aligned."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class ArgonnePreTrainedModel(PreTrainedModel):
+    config_class = ArgonneConfig
+    base_model_prefix = "argonne"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ArgonneBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """normal(0, initializer_range); residual projections (o_proj, down_proj) scaled down by
+        1/sqrt(2 * layers) so the residual stream's variance stays O(1) with depth."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class ArgonneModel(ArgonnePreTrainedModel):
+    """Decoder-only causal LM. Parameter names are the original Argonne 2.0's."""
+
+    def __init__(self, config: ArgonneConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.blocks = nn.ModuleList(ArgonneBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = config.use_gradient_checkpointing
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> CausalLMOutput:
+        """input_ids, labels: (B, T) int64. Returns logits (B, T, V) and the loss when labels given."""
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(T, x.device, x.dtype)  # (T, D) each
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def count_parameters(config: ArgonneConfig) -> dict[str, int]:
+    """Parameter counts from the config alone (no allocation), split embedding / non-embedding."""
+    c, L = config.hidden_size, config.num_hidden_layers
+    hd, h, kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    attn = c * h * hd * 2 + c * kv * hd * 2
+    block = attn + 3 * c * f + 2 * c
+    embed = config.vocab_size * c
+    head = 0 if config.tie_word_embeddings else config.vocab_size * c
+    non_embedding = L * block + c
+    return {
+        "embedding": embed + head,
+        "non_embedding": non_embedding,
+        "total": embed + head + non_embedding,
+        "per_block": block,
+    }
