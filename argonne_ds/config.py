@@ -28,7 +28,7 @@ def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
 
 
 class ArgonneConfig(PretrainedConfig):
-    """Configuration of an Argonne 2.0 decoder-only model (GQA, RoPE, RMSNorm, SwiGLU, untied head)."""
+    """An Argonne 2.0 decoder-only model: GQA, RoPE, RMSNorm, SwiGLU, untied head."""
 
     model_type = "argonne2"
 

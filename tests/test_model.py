@@ -1,4 +1,4 @@
-"""The plain model: config validation, presets, init, one shift, and parity with stock transformers."""
+"""The plain model: config validation, presets, init, one shift, parity with stock transformers."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_1b_preset_shape() -> None:
 
 
 @pytest.mark.parametrize("hidden,expected", [(4096, 11_008), (2048, 5632), (64, 256)])
-def test_default_intermediate_size_is_8_3_hidden_rounded_up_to_256(hidden: int, expected: int) -> None:
+def test_default_intermediate_size_8_3_hidden_rounded_to_256(hidden: int, expected: int) -> None:
     c = ArgonneConfig(hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=None, intermediate_size=None)
     assert c.intermediate_size == expected

@@ -5,8 +5,8 @@ No DeepSpeed here: parallelism is applied from the outside (`pipe.py` for pipeli
 heads, D head_dim, V vocab.
 
 Labels are already aligned with the inputs (`labels[:, t]` is the target of position t): the data
-pipeline makes the one and only shift (inputs = block[:-1], labels = block[1:]). The origin shifted a
-second time inside the model, silently training on t+2; here the model never shifts.
+pipeline makes the one and only shift (inputs = block[:-1], labels = block[1:]). The origin shifted
+a second time inside the model, silently training on t+2; here the model never shifts.
 """
 
 from __future__ import annotations
@@ -171,27 +171,32 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+@torch.no_grad()
+def init_module(module: nn.Module, config: ArgonneConfig) -> None:
+    """normal(0, initializer_range); residual projections (o_proj, down_proj) scaled down by
+    1/sqrt(2 * layers) so the residual stream's variance stays O(1) with depth. Applied per module
+    (non-recursive), by HF's post_init here and by the pipeline wrappers in pipe.py."""
+    std = config.initializer_range
+    if isinstance(module, nn.Linear):
+        if getattr(module, "is_residual_proj", False):
+            std = std / math.sqrt(2 * config.num_hidden_layers)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+
+
 class ArgonnePreTrainedModel(PreTrainedModel):
     config_class = ArgonneConfig
     base_model_prefix = "argonne"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ArgonneBlock"]
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """normal(0, initializer_range); residual projections (o_proj, down_proj) scaled down by
-        1/sqrt(2 * layers) so the residual stream's variance stays O(1) with depth."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            if getattr(module, "is_residual_proj", False):
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        init_module(module, self.config)
 
 
 class ArgonneModel(ArgonnePreTrainedModel):
@@ -221,7 +226,7 @@ class ArgonneModel(ArgonnePreTrainedModel):
         labels: torch.Tensor | None = None,
         **_: object,
     ) -> CausalLMOutput:
-        """input_ids, labels: (B, T) int64. Returns logits (B, T, V) and the loss when labels given."""
+        """input_ids, labels: (B, T) int64 -> logits (B, T, V), and the loss when labels given."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(
@@ -243,7 +248,8 @@ class ArgonneModel(ArgonnePreTrainedModel):
 def count_parameters(config: ArgonneConfig) -> dict[str, int]:
     """Parameter counts from the config alone (no allocation), split embedding / non-embedding."""
     c, L = config.hidden_size, config.num_hidden_layers
-    hd, h, kv, f = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    hd, f = config.head_dim, config.intermediate_size
+    h, kv = config.num_attention_heads, config.num_key_value_heads
     attn = c * h * hd * 2 + c * kv * hd * 2
     block = attn + 3 * c * f + 2 * c
     embed = config.vocab_size * c

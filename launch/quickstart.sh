@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up .venv and run the demo. For now (foundation only) the demo is a STUB: it prints the
+# Argonne 2.0 plan and trains the tiny preset on synthetic tokens in plain PyTorch.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/launch/setup_env.sh"
+cd "$ROOT"
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+argonne-ds model-info --preset argonne2 --gpus 8 16
+python launch/demo_synthetic.py "$@"
