@@ -1,0 +1,101 @@
+"""From settings to the iterator the engine consumes: discovery, tokenizer, cache or stream."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from argonne_ds.data import DataError
+from argonne_ds.data.cache import _build_lock, prepare_cache
+from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list_fingerprint
+from argonne_ds.data.shards import open_shard
+from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
+from argonne_ds.data.tokenizer import (
+    LoadedTokenizer,
+    load_tokenizer,
+    make_encoder,
+    train_fallback_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+DEFAULT_TOKENIZER_DIR = ".argonne_cache"
+
+
+@dataclass
+class DataConfig:
+    data_glob: list[str] = field(default_factory=list)
+    tokenizer_path: str | None = None  # None: train the fallback BPE on the data
+    cache_dir: str | None = None  # None: tokenize while streaming from parquet
+    text_column: str = "text"
+    block_size: int = 4096
+    seed: int = 1234
+    shuffle_window: int = 0  # blocks; 0/1 = the natural order
+    on_bad_shard: str = "error"  # or "skip"
+    allow_shard_change: bool = False
+    fallback_vocab_size: int = 32_000
+    encoder: str = "auto"  # auto | gigatoken | tokenizers
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_glob, str):
+            self.data_glob = [self.data_glob]
+        if self.block_size < 1:
+            raise ValueError(f"DataConfig.block_size must be positive, got {self.block_size}")
+        if self.on_bad_shard not in ("error", "skip"):
+            raise ValueError(f"DataConfig.on_bad_shard must be error|skip, got {self.on_bad_shard}")
+        if self.encoder not in ("auto", "gigatoken", "tokenizers"):
+            raise ValueError(f"DataConfig.encoder must be auto|gigatoken|tokenizers, got "
+                             f"{self.encoder}")
+
+
+def resolve_tokenizer(cfg: DataConfig, shards: list, model_vocab_size: int | None = None
+                      ) -> LoadedTokenizer:
+    path = cfg.tokenizer_path
+    if path is None:
+        where = Path(cfg.cache_dir or DEFAULT_TOKENIZER_DIR)
+        with _build_lock(where):
+            path = str(train_fallback_tokenizer(shards, cfg.text_column, where,
+                                                vocab_size=cfg.fallback_vocab_size))
+    return load_tokenizer(path, model_vocab_size)
+
+
+def usable_shards(cfg: DataConfig, shards: list) -> list:
+    """Streaming mode: validate every shard up front (footers only), dropping bad ones under
+    --on-bad-shard skip, so problems surface before training, not hours in."""
+    good = []
+    for s in shards:
+        try:
+            open_shard(s, cfg.text_column)
+            good.append(s)
+        except DataError as e:
+            if cfg.on_bad_shard == "error":
+                raise
+            logger.warning("skipping bad shard (--on-bad-shard skip): %s", e)
+    return good
+
+
+def build_data_iterator(
+    cfg: DataConfig, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
+    dp_world: int = 1, model_vocab_size: int | None = None, show_progress: bool = True,
+) -> tuple[ResumableShardIterator, LoadedTokenizer]:
+    shards = discover_shards(cfg.data_glob)
+    logger.info("data: %s", describe_plan(shards))
+    tok = resolve_tokenizer(cfg, shards, model_vocab_size)
+    if cfg.cache_dir:
+        index = prepare_cache(shards, tok, cfg.cache_dir, cfg.text_column, cfg.on_bad_shard,
+                              cfg.encoder, show_progress=show_progress)
+        source: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, cfg.seed,
+                                                             cfg.shuffle_window)
+    else:
+        source = StreamedBlocks(usable_shards(cfg, shards), cfg.text_column,
+                                make_encoder(tok, cfg.encoder), cfg.block_size, cfg.seed,
+                                cfg.shuffle_window)
+    fingerprint = {
+        "shards": shard_list_fingerprint(shards), "tokenizer": tok.fingerprint,
+        "separator": tok.separator_id, "text_column": cfg.text_column,
+        "block_size": cfg.block_size, "seed": cfg.seed, "shuffle_window": cfg.shuffle_window,
+    }
+    it = ResumableShardIterator(source, global_batch_size=global_batch_size,
+                                micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                                dp_world=dp_world, fingerprint=fingerprint)
+    return it, tok
