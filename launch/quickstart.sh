@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv and run the demo. For now (foundation only) the demo is a STUB: it prints the
-# Argonne 2.0 plan and trains the tiny preset on synthetic tokens in plain PyTorch.
+# Set up .venv and run the demo: the tiny preset trained on the embedded sample corpus through
+# the real data path (plain PyTorch until the training issue lands).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup_env.sh"
@@ -9,4 +9,4 @@ cd "$ROOT"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 argonne-ds model-info --preset argonne2 --gpus 8 16
-python launch/demo_synthetic.py "$@"
+python launch/demo_sample.py "$@"
