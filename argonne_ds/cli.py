@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -56,8 +57,76 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from argonne_ds.data.loader import DataConfig
+    from argonne_ds.trainer import TrainConfig, train
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    data = DataConfig(args.data_glob, tokenizer_path=args.tokenizer_path,
+                      cache_dir=args.cache_dir, text_column=args.text_column,
+                      block_size=args.block_size, seed=args.seed,
+                      shuffle_window=args.shuffle_window, on_bad_shard=args.on_bad_shard,
+                      allow_shard_change=args.allow_shard_change,
+                      fallback_vocab_size=args.fallback_vocab_size, encoder=args.encoder)
+    cfg = TrainConfig(
+        deepspeed_config=args.deepspeed_config, data=data, model=args.model,
+        output_dir=args.output_dir, checkpoint_path=args.checkpoint_path,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate, min_learning_rate=args.min_learning_rate,
+        warmup_steps=args.warmup_steps, max_steps=args.max_steps, max_tokens=args.max_tokens,
+        weight_decay=args.weight_decay, precision=args.precision,
+        save_interval=args.save_interval, checkpoint_keep=args.checkpoint_keep, seed=args.seed,
+        log_interval=args.log_interval, eval_interval=args.eval_interval,
+        eval_data_glob=args.eval_data_glob or [], eval_batches=args.eval_batches,
+        sample_interval=args.sample_interval, sample_prompt=args.sample_prompt,
+        sample_tokens=args.sample_tokens, peak_tflops=args.peak_tflops)
+    return train(cfg)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    add_data_args(p)
+    a = p.add_argument
+    a("--model", default="tiny", help="preset name or model config JSON")
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+      help="DeepSpeed JSON (ds_configs/): its sections pick pipeline or ZeRO-3")
+    a("--block-size", type=int, default=4096, help="tokens per sample (capped at the context)")
+    a("--shuffle-window", type=int, default=0, help="shuffle block order within windows")
+    a("--allow-shard-change", action="store_true",
+      help="resume even though the shard list changed since the checkpoint")
+    a("--batch-size", type=int, help="micro-batch per GPU (overrides the JSON)")
+    a("--gradient-accumulation-steps", type=int, help="overrides the JSON")
+    a("--learning-rate", type=float, default=3e-4)
+    a("--min-learning-rate", type=float, default=3e-5)
+    a("--warmup-steps", type=int, default=2000)
+    a("--max-steps", type=int)
+    a("--max-tokens", type=int, help="token budget instead of --max-steps")
+    a("--weight-decay", type=float, default=0.1, help="on matrices; none on norms/embeddings")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32")
+    a("--output-dir", default="runs/argonne")
+    a("--checkpoint-path", help="resume from this checkpoint (folder or global_stepN)")
+    a("--save-interval", type=int, default=1000)
+    a("--checkpoint-keep", type=int, default=3)
+    a("--seed", type=int, default=1234)
+    a("--log-interval", type=int, default=10)
+    a("--eval-interval", type=int, default=0)
+    a("--eval-data-glob", nargs="+", help="held-out shards for --eval-interval")
+    a("--eval-batches", type=int, default=4)
+    a("--sample-interval", type=int, default=0)
+    a("--sample-prompt", default="The")
+    a("--sample-tokens", type=int, default=32)
+    a("--peak-tflops", type=float, help="MFU denominator (default: from the GPU name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argonne-ds", description=__doc__)
+    # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("model-info", help="config, parameter count and training memory per GPU")
@@ -74,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")
+    _add_train_args(p)
+    p.set_defaults(func=_train)
     return parser
 
 
@@ -82,12 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from argonne_ds.data import DataError
 
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
+    # One voice per job: ranks other than 0 log warnings and errors only.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="[%(name)s] %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, DataError) as e:
-        print(f"argonne-ds {args.command}: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, PermissionError, ValueError, DataError) as e:
+        # One line, even when pyarrow's or the OS's message spans several.
+        print(f"argonne-ds {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from argonne_ds.data import DataError
 from argonne_ds.data.discovery import Shard, shard_list_fingerprint
-from argonne_ds.data.shards import iter_text_batches
+from argonne_ds.data.shards import BAD_SHARD_HINT, iter_text_batches
 from argonne_ds.data.tokenizer import Encoder, LoadedTokenizer, make_encoder
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ def prepare_cache(
         tokens_dir.mkdir(parents=True, exist_ok=True)
         keys = [shard_key(s, tok, text_column) for s in shards]
         entries: list[ShardEntry | None] = [_read_entry(tokens_dir, k) for k in keys]
+        if on_bad_shard == "error":  # a skip recorded by an earlier `skip` run: try (and fail)
+            entries = [None if e and e.status == "skipped" else e for e in entries]
         todo = [i for i, e in enumerate(entries) if e is None]
         t0 = time.perf_counter()
         if todo:
@@ -202,6 +204,10 @@ def prepare_cache(
     for e in final:
         if e.status == "skipped":
             logger.warning("bad shard skipped: %s", e.error)
+    if all(e.status == "skipped" for e in final):
+        first = final[0].error.removesuffix(f"; {BAD_SHARD_HINT}")
+        raise DataError(f"every one of the {len(final)} shards is bad, so skipping them leaves "
+                        f"no data; the first: {first}")
     return index
 
 

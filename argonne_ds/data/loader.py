@@ -9,7 +9,7 @@ from pathlib import Path
 from argonne_ds.data import DataError
 from argonne_ds.data.cache import _build_lock, prepare_cache
 from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list_fingerprint
-from argonne_ds.data.shards import open_shard
+from argonne_ds.data.shards import BAD_SHARD_HINT, open_shard
 from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
 from argonne_ds.data.tokenizer import (
     LoadedTokenizer,
@@ -52,17 +52,20 @@ def resolve_tokenizer(cfg: DataConfig, shards: list, model_vocab_size: int | Non
                       ) -> LoadedTokenizer:
     path = cfg.tokenizer_path
     if path is None:
+        # Under --on-bad-shard skip, sample only shards that open (the skips are reported where
+        # the data is read); under error, a bad sampled shard raises as it is read.
+        sample = usable_shards(cfg, shards, warn=False) if cfg.on_bad_shard == "skip" else shards
         where = Path(cfg.cache_dir or DEFAULT_TOKENIZER_DIR)
         with _build_lock(where):
-            path = str(train_fallback_tokenizer(shards, cfg.text_column, where,
+            path = str(train_fallback_tokenizer(sample, cfg.text_column, where,
                                                 vocab_size=cfg.fallback_vocab_size))
     return load_tokenizer(path, model_vocab_size)
 
 
-def usable_shards(cfg: DataConfig, shards: list) -> list:
+def usable_shards(cfg: DataConfig, shards: list, warn: bool = True) -> list:
     """Streaming mode: validate every shard up front (footers only), dropping bad ones under
     --on-bad-shard skip, so problems surface before training, not hours in."""
-    good = []
+    good, errors = [], []
     for s in shards:
         try:
             open_shard(s, cfg.text_column)
@@ -70,7 +73,16 @@ def usable_shards(cfg: DataConfig, shards: list) -> list:
         except DataError as e:
             if cfg.on_bad_shard == "error":
                 raise
-            logger.warning("skipping bad shard (--on-bad-shard skip): %s", e)
+            errors.append(e)
+            if warn:
+                logger.warning("skipping bad shard (--on-bad-shard skip): %s", e)
+    if errors and not good:
+        first = str(errors[0]).removesuffix(f"; {BAD_SHARD_HINT}")
+        raise DataError(f"every one of the {len(shards)} shards is bad, so skipping them leaves "
+                        f"no data; the first: {first}")
+    if errors and warn:
+        logger.warning("data: %d of %d shards skipped as bad (--on-bad-shard skip)",
+                       len(errors), len(shards))
     return good
 
 

@@ -41,8 +41,9 @@ def open_shard(shard: Shard, text_column: str) -> pq.ParquetFile:
             f"{shard.path}: no column {text_column!r} (columns: {', '.join(schema.names)}); "
             "pass --text-column NAME")
     kind = schema.field(text_column).type
+    # Type null: every text is null (pandas writes an all-None column so); skipped and counted.
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-            or pa.types.is_string_view(kind)):
+            or pa.types.is_string_view(kind) or pa.types.is_null(kind)):
         raise DataError(
             f"{shard.path}: column {text_column!r} has type {kind}, not text; pass --text-column "
             "naming a string column")

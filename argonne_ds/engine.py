@@ -1,0 +1,275 @@
+"""The one door to DeepSpeed: build an engine from a standard DeepSpeed JSON and drive it.
+
+The JSON alone picks the mode:
+    "pipeline": {"stages": N, ...}     -> the model as a PipelineModule, `train_batch` (1F1B)
+    "zero_optimization": {"stage": 3}  -> the plain model built under `deepspeed.zero.Init`
+    anything else                      -> the plain model, data parallel (ZeRO 0/1/2)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from argonne_ds.config import ArgonneConfig
+from argonne_ds.model.model import ArgonneModel, RMSNorm, init_module
+from argonne_ds.model.pipe import build_pipeline_module
+
+logger = logging.getLogger(__name__)
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ConfigError(ValueError):
+    """A DeepSpeed JSON the framework cannot use, phrased for the user."""
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; see ds_configs/ for examples")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+
+
+def engine_mode(ds_config: dict[str, Any]) -> str:
+    pipe = ds_config.get("pipeline") or {}
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if "stages" in pipe:
+        if stage >= 2:
+            raise ConfigError(f"pipeline parallelism works with ZeRO stage 0 or 1, not {stage}; "
+                              "use ds_configs/pipeline.json or a ZeRO-3 config without "
+                              "'pipeline'")
+        return "pipeline"
+    return "zero3" if stage == 3 else "data_parallel"
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join (or create) the process group. On CPU, use gloo and skip the shm op's JIT build."""
+    if dist.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        # Only inference all-reduce uses it, and building it costs ~20 s per cold machine.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(var, default)  # plain `python` without a launcher: one process
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: none on norms and embeddings (the origin decayed both)."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, RMSNorm)):
+            no_decay |= {id(p) for p in module.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    lr: float
+
+
+class Engine:
+    """Owns the DeepSpeed engine; the trainer never touches DeepSpeed directly."""
+
+    def __init__(self, model_config: ArgonneConfig, ds_config: dict[str, Any],
+                 weight_decay: float = 0.1, seed: int = 1234) -> None:
+        init_distributed()
+        self.model_config = model_config
+        self.ds_config = copy.deepcopy(ds_config)
+        self.mode = engine_mode(self.ds_config)
+        torch.manual_seed(seed)
+        if self.mode == "pipeline":
+            pipe = self.ds_config["pipeline"]
+            model: nn.Module = build_pipeline_module(
+                model_config, num_stages=int(pipe["stages"]),
+                partition_method=pipe.get("partition_method", "parameters"),
+                activation_checkpoint_interval=int(pipe.get("activation_checkpoint_interval", 0)))
+        elif self.mode == "zero3":
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                model = ArgonneModel(model_config)
+            self._init_partitioned(model)
+        else:
+            model = ArgonneModel(model_config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, weight_decay),
+            config=self.ds_config)
+        self.module = model
+        self._fp32_norm: float | None = None
+        if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+                or self.engine.zero_optimization()):
+            # Plain fp32 clips in clip_fp32_gradients but drops the norm it computed; keep it.
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            def clip_and_record() -> None:
+                self._fp32_norm = float(clip_grad_norm_(
+                    parameters=self.engine.module.parameters(),
+                    max_norm=self.engine.gradient_clipping(), mpu=self.engine.mpu))
+
+            self.engine.clip_fp32_gradients = clip_and_record
+
+    def _init_partitioned(self, model: nn.Module) -> None:
+        """Under zero.Init the HF post_init ran on empty partitions: initialise each module with
+        its parameters gathered (rank 0 writes, the others receive)."""
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own:
+                with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        init_module(module, self.model_config)
+
+    # ---- facts the trainer needs ----------------------------------------------------------
+    @property
+    def global_rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.engine.mpu.get_data_parallel_rank() if self.engine.mpu else (
+            self.engine.data_parallel_group and dist.get_rank(self.engine.data_parallel_group))
+
+    @property
+    def dp_world(self) -> int:
+        return self.engine.dp_world_size
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.engine.train_micro_batch_size_per_gpu()
+
+    @property
+    def grad_accum(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.engine.train_batch_size()
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # ---- training ----------------------------------------------------------------------------
+    def train_step(self, data: Iterator[Batch]) -> StepResult:
+        """One optimizer step over one global batch (grad_accum micro-batches per rank)."""
+        self._micro_steps_at_start = self.engine.micro_steps
+        self.engine.train()
+        if self.mode == "pipeline":
+            loss = float(self.engine.train_batch(data_iter=data))
+        else:
+            total = torch.zeros((), dtype=torch.float32)
+            for _ in range(self.grad_accum):
+                x, y = next(data)
+                out = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
+                self.engine.backward(out.loss)
+                self.engine.step()
+                total += out.loss.detach().float().cpu()
+            loss_t = (total / self.grad_accum).to(self.engine.device)
+            dist.all_reduce(loss_t, group=self.engine.data_parallel_group)
+            loss = float(loss_t) / self.dp_world
+        norm = self.engine.get_global_grad_norm()
+        norm = self._fp32_norm if norm is None else norm
+        return StepResult(loss, None if norm is None else float(norm), self.lr())
+
+    def set_micro_batch_size(self, micro: int) -> None:
+        """Keep the global batch, change the micro-batch: accumulation follows (OOM backoff).
+        A step interrupted half-way (an OOM) is discarded: its gradients and micro-step count."""
+        self.engine.micro_steps = getattr(self, "_micro_steps_at_start", self.engine.micro_steps)
+        global_batch = self.global_batch_size
+        self.engine.set_train_micro_batch_size(micro)
+        self.engine.set_train_batch_size(global_batch)
+        if self.mode == "pipeline":
+            self.engine.reset_activation_shape()
+        self.engine.zero_grad()
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Mean loss over `batches` (this rank's share); the same number on every rank."""
+        self.engine.eval()
+        if self.mode == "pipeline":
+            it = iter(batches)
+            losses = [float(self.engine.eval_batch(it, num_micro_batches=1))
+                      for _ in range(len(batches))]
+            loss = torch.tensor(sum(losses) / max(1, len(losses)))
+        else:
+            total = torch.zeros(())
+            for x, y in batches:
+                out = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
+                total += out.loss.float().cpu()
+            loss = total / max(1, len(batches))
+        loss = loss.to(self.engine.device)
+        dist.all_reduce(loss, group=self.engine.data_parallel_group)
+        self.engine.train()
+        return float(loss) / self.dp_world
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_id: int | None = None
+                 ) -> list[int]:
+        """Greedy continuation of one prompt (a training-time sample; every rank must call it).
+        No KV cache: a few dozen tokens of a sample are cheap next to a training step."""
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.engine.device)
+        limit = self.model_config.max_position_embeddings
+        self.engine.eval()
+        for _ in range(max_new_tokens):
+            window = ids[:, -limit:]
+            if self.mode == "pipeline":
+                self.engine.reset_activation_shape()  # the length changes every call
+                out = self.engine.eval_batch(iter([(window, window)]), return_logits=True,
+                                             num_micro_batches=1)
+                self.engine.total_loss = None  # eval_batch leaves its loss accumulated
+                nxt = torch.zeros(1, dtype=torch.long, device=self.engine.device)
+                if self.engine.is_last_stage():
+                    nxt[0] = out[1][0, -1].argmax()
+                last = self.engine.grid.stage_to_global(self.engine.num_stages - 1)
+                dist.broadcast(nxt, src=last)
+            else:
+                nxt = self.engine(window).logits[0, -1].argmax().reshape(1)
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if stop_id is not None and int(nxt) == stop_id:
+                break
+        if self.mode == "pipeline":
+            self.engine.reset_activation_shape()
+        self.engine.train()
+        return ids[0, len(prompt):].tolist()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
+                                    save_latest=False)
+
+    def load(self, directory: str | Path, tag: str) -> dict[str, Any]:
+        path, state = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {directory}/{tag} could not be loaded")
+        return state or {}

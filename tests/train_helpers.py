@@ -1,0 +1,101 @@
+"""Running `argonne-ds train` for real in tests: through the deepspeed launcher, 2 CPU ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from argonne_ds.testing import cpu_env, free_port
+from tests.data_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+         "max_position_embeddings": 64}
+
+
+def make_workspace(root: Path) -> dict[str, str]:
+    """A corpus, a model JSON, and a token cache prepared once (with a 512-id fallback BPE)."""
+    write_corpus(root / "shards", docs_per_shard=(120, 90, 150))
+    (root / "model.json").write_text(json.dumps(MODEL))
+    from argonne_ds.cli import main
+
+    assert main(["prepare", "--data-glob", str(root / "shards" / "*.parquet"), "--cache-dir",
+                 str(root / "cache"), "--fallback-vocab-size", "512", "--no-progress"]) == 0
+    return {"glob": str(root / "shards" / "*.parquet"), "cache": str(root / "cache"),
+            "model": str(root / "model.json")}
+
+
+def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
+              launcher: str = "deepspeed") -> list[str]:
+    args = ["train", "--data-glob", ws["glob"], "--cache-dir", ws["cache"],
+            "--fallback-vocab-size", "512", "--model", ws["model"],
+            "--deepspeed_config", str(ROOT / "ds_configs" / ds_config), "--block-size", "32",
+            "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--warmup-steps", "3",
+            "--output-dir", str(out), "--log-interval", "4", *extra]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(free_port()), "--module", "argonne_ds.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "argonne_ds.cli", *args]
+
+
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **cpu_env(), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
+            **(extra or {})}
+
+
+def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int,
+                        timeout: float = 240) -> tuple[int, str]:
+    """Start the job, wait until metrics.jsonl shows `step`, send `sig` to rank processes (or
+    the whole process group for SIGKILL), return (exit code, output)."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"job ended before step {step}:\n{proc.stdout.read()}")
+            if metrics.is_file() and any(r.get("step", 0) >= step and "loss" in r
+                                         for r in read_metrics(out)):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"step {step} not reached in {timeout} s")
+        os.killpg(proc.pid, sig)
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by SIGKILL
+            rows.append(json.loads(line))
+    return rows
+
+
+def steps(out: Path) -> dict[int, dict]:
+    """The last record of each training step (a resumed run logs redone steps again)."""
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
