@@ -42,6 +42,10 @@ def _prepare(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir or DEFAULT_TOKENIZER_DIR,
                      text_column=args.text_column, on_bad_shard=args.on_bad_shard,
                      fallback_vocab_size=args.fallback_vocab_size, encoder=args.encoder)
+    if cfg.tokenizer_path and cfg.encoder != "tokenizers":
+        from argonne_ds.data.encode_worker import prestart
+
+        prestart(cfg.tokenizer_path)  # gigatoken's process starts up while we load ours
     shards = discover_shards(cfg.data_glob)
     print(f"[prepare] {describe_plan(shards)}", flush=True)
     tok = resolve_tokenizer(cfg, shards)
@@ -61,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from argonne_ds.data.loader import DataConfig
-    from argonne_ds.trainer import TrainConfig, train
+    from argonne_ds.trainer import OutOfMemory, TrainConfig, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     data = DataConfig(args.data_glob, tokenizer_path=args.tokenizer_path,
@@ -82,7 +86,11 @@ def _train(args: argparse.Namespace) -> int:
         eval_data_glob=args.eval_data_glob or [], eval_batches=args.eval_batches,
         sample_interval=args.sample_interval, sample_prompt=args.sample_prompt,
         sample_tokens=args.sample_tokens, peak_tflops=args.peak_tflops)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except OutOfMemory as e:
+        print(f"argonne-ds train: error: {e}", file=sys.stderr)
+        return 3
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

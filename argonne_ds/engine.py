@@ -87,6 +87,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def start_scheduler(scheduler: Any) -> None:
+    """DeepSpeed's WarmupCosineLR begins at iteration -1, where its LR is 0, so the first
+    optimizer step would learn nothing; start it at iteration 0, the minimum LR."""
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
+        scheduler.step(0)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -120,6 +127,7 @@ class Engine:
             model=model, model_parameters=param_groups(model, weight_decay),
             config=self.ds_config)
         self.module = model
+        start_scheduler(self.scheduler)
         self._fp32_norm: float | None = None
         if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
                 or self.engine.zero_optimization()):
@@ -181,9 +189,13 @@ class Engine:
         return float(self.engine.get_lr()[0])
 
     # ---- training ----------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Mark where a step starts, so an OOM inside it can be rolled back."""
+        self._micro_steps_at_start = self.engine.micro_steps
+
     def train_step(self, data: Iterator[Batch]) -> StepResult:
         """One optimizer step over one global batch (grad_accum micro-batches per rank)."""
-        self._micro_steps_at_start = self.engine.micro_steps
+        lr = self.lr()  # the LR this step uses (the scheduler moves on after the step)
         self.engine.train()
         if self.mode == "pipeline":
             loss = float(self.engine.train_batch(data_iter=data))
@@ -200,12 +212,13 @@ class Engine:
             loss = float(loss_t) / self.dp_world
         norm = self.engine.get_global_grad_norm()
         norm = self._fp32_norm if norm is None else norm
-        return StepResult(loss, None if norm is None else float(norm), self.lr())
+        return StepResult(loss, None if norm is None else float(norm), lr)
 
     def set_micro_batch_size(self, micro: int) -> None:
         """Keep the global batch, change the micro-batch: accumulation follows (OOM backoff).
         A step interrupted half-way (an OOM) is discarded: its gradients and micro-step count."""
         self.engine.micro_steps = getattr(self, "_micro_steps_at_start", self.engine.micro_steps)
+        self._micro_steps_at_start = self.engine.micro_steps
         global_batch = self.global_batch_size
         self.engine.set_train_micro_batch_size(micro)
         self.engine.set_train_batch_size(global_batch)

@@ -32,7 +32,8 @@ from argonne_ds.engine import Batch, ConfigError, Engine, read_ds_config
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops
 
 logger = logging.getLogger(__name__)
-INJECT_OOM_ENV = "ARGONNE_INJECT_OOM_AT_STEP"  # tests: raise an OOM at these steps (comma list)
+# Tests: fake an OOM at these steps, e.g. "3" (once at step 3) or "3x3,7" (three tries at 3).
+INJECT_OOM_ENV = "ARGONNE_INJECT_OOM_AT_STEP"
 
 
 @dataclass
@@ -134,8 +135,8 @@ class TrainState:
 
 
 class _Recorder:
-    """Passes batches through and fingerprints what this rank consumed (crc32 of the tokens),
-    so two runs can be compared block for block."""
+    """Passes batches through and fingerprints what this rank consumed: crc32 over each sample's
+    tokens in order, so two runs compare block for block whatever their micro-batch size."""
 
     def __init__(self, source: Iterator[Batch]) -> None:
         self.source, self.crc = source, 0
@@ -145,7 +146,8 @@ class _Recorder:
 
     def __next__(self) -> Batch:
         x, y = next(self.source)
-        self.crc = zlib.crc32(y.numpy().tobytes(), zlib.crc32(x.numpy().tobytes(), self.crc))
+        for xi, yi in zip(x.numpy(), y.numpy()):
+            self.crc = zlib.crc32(yi.tobytes(), zlib.crc32(xi.tobytes(), self.crc))
         return x, y
 
 
@@ -190,7 +192,7 @@ def train(cfg: TrainConfig) -> int:
          f"global batch {engine.global_batch_size} x {cfg.data.block_size} tokens, steps "
          f"{state.step} -> {max_steps}, output {out}")
     stop = _StopFlag()
-    inject = {int(s) for s in os.environ.get(INJECT_OOM_ENV, "").split(",") if s}
+    inject = _parse_injection(os.environ.get(INJECT_OOM_ENV, ""))
     from tqdm import tqdm
 
     bar = tqdm(total=max_steps, initial=state.step, disable=None if rank0 else True,
@@ -200,9 +202,11 @@ def train(cfg: TrainConfig) -> int:
         before = data.state_dict()
         recorder = _Recorder(data)
         t0 = time.perf_counter()
+        engine.begin_step()
         try:
-            if state.step + 1 in inject and engine.micro_batch_size > cfg.min_micro_batch_size:
-                raise OutOfMemory(f"injected out of memory at step {state.step + 1}")
+            if inject.get(state.step + 1):
+                inject[state.step + 1] -= 1
+                raise OutOfMemory(f"CUDA out of memory (injected at step {state.step + 1})")
             result = engine.train_step(recorder)
             oom = False
         except Exception as e:  # noqa: BLE001 - only OOMs are handled; the rest re-raised
@@ -252,6 +256,14 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
+def _parse_injection(spec: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for item in filter(None, spec.split(",")):
+        step, _, times = item.partition("x")
+        out[int(step)] = out.get(int(step), 0) + int(times or 1)
+    return out
+
+
 def _say(rank0: bool, line: str, bar: Any = None) -> None:
     if not rank0:
         return
@@ -287,10 +299,14 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
     for tag in candidates:
         _check_compatible(directory / tag, engine, model_config)
         try:
-            client = engine.load(directory, tag)
+            client, ok = engine.load(directory, tag), 1.0
         except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: fall back to the previous
-            logger.warning("could not load checkpoint %s/%s (%s); trying an earlier one",
-                           directory, tag, e)
+            logger.warning("could not load checkpoint %s/%s (%s: %s); trying an earlier one",
+                           directory, tag, type(e).__name__, e)
+            client, ok = {}, 0.0
+        agree = torch.tensor([ok])
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # all ranks resume from the same one
+        if not agree[0]:
             continue
         if client.get("micro_batch_size") and client["micro_batch_size"] != (
                 engine.micro_batch_size):

@@ -47,7 +47,8 @@ def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
 
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **cpu_env(), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}  # wandb/ in --output-dir
+    return {**base, **cpu_env(), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
             **(extra or {})}
 
 
@@ -61,10 +62,11 @@ def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None =
     return proc
 
 
-def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int,
-                        timeout: float = 240) -> tuple[int, str]:
-    """Start the job, wait until metrics.jsonl shows `step`, send `sig` to rank processes (or
-    the whole process group for SIGKILL), return (exit code, output)."""
+def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int, timeout: float = 240,
+                        ranks_only: bool = False) -> tuple[int, str]:
+    """Start the job, wait until metrics.jsonl shows `step`, send `sig` to the whole process
+    group (launcher and ranks, like a node going down) or to the rank processes only (like a
+    scheduler's preemption signal); return (the launcher's exit code, output)."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -79,7 +81,15 @@ def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int,
             time.sleep(0.02)
         else:
             raise AssertionError(f"step {step} not reached in {timeout} s")
-        os.killpg(proc.pid, sig)
+        if ranks_only:
+            import psutil
+
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                line = " ".join(child.cmdline())
+                if "argonne_ds.cli" in line and "deepspeed.launcher" not in line:
+                    child.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output
     finally:
