@@ -162,8 +162,7 @@ class Engine:
 
     @property
     def dp_rank(self) -> int:
-        return self.engine.mpu.get_data_parallel_rank() if self.engine.mpu else (
-            self.engine.data_parallel_group and dist.get_rank(self.engine.data_parallel_group))
+        return dist.get_rank(group=self.engine.data_parallel_group)
 
     @property
     def dp_world(self) -> int:
@@ -231,9 +230,11 @@ class Engine:
         """Mean loss over `batches` (this rank's share); the same number on every rank."""
         self.engine.eval()
         if self.mode == "pipeline":
+            self.engine.reset_activation_shape()  # eval batches may differ after an OOM backoff
             it = iter(batches)
             losses = [float(self.engine.eval_batch(it, num_micro_batches=1))
                       for _ in range(len(batches))]
+            self.engine.reset_activation_shape()
             loss = torch.tensor(sum(losses) / max(1, len(losses)))
         else:
             total = torch.zeros(())

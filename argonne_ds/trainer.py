@@ -101,10 +101,13 @@ def resolve_ds_config(cfg: TrainConfig, world_size: int) -> tuple[dict[str, Any]
     if cfg.gradient_accumulation_steps:
         override(["gradient_accumulation_steps"], cfg.gradient_accumulation_steps,
                  "--gradient-accumulation-steps")
-    ds.pop("train_batch_size", None)  # derived: micro x accumulation x data-parallel ranks
     stages = int((ds.get("pipeline") or {}).get("stages", 1))
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
+    total = ds.pop("train_batch_size", None)  # derived: micro x accumulation x data parallel
+    if total and "train_micro_batch_size_per_gpu" not in ds:
+        ds["train_micro_batch_size_per_gpu"] = max(
+            1, total // (ds.get("gradient_accumulation_steps", 1) * (world_size // stages)))
     global_batch = (ds.get("train_micro_batch_size_per_gpu", 1)
                     * ds.get("gradient_accumulation_steps", 1) * (world_size // stages))
     if cfg.max_steps is None and cfg.max_tokens is None:
@@ -163,7 +166,10 @@ class _StopFlag:
 
 def train(cfg: TrainConfig) -> int:
     model_config = load_model_config(cfg.model)
-    cfg.data.block_size = min(cfg.data.block_size, model_config.max_position_embeddings)
+    if cfg.data.block_size > model_config.max_position_embeddings:
+        logger.warning("--block-size %d exceeds the model's context; using %d",
+                       cfg.data.block_size, model_config.max_position_embeddings)
+        cfg.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, max_steps, notes = resolve_ds_config(cfg, world)
     engine = Engine(model_config, ds_config, cfg.weight_decay, cfg.seed)
