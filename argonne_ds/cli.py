@@ -130,6 +130,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     a("--peak-tflops", type=float, help="MFU denominator (default: from the GPU name)")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from argonne_ds.convert.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"[export] {args.checkpoint} -> {out} ({args.dtype}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argonne-ds", description=__doc__)
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -151,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("export", help="DeepSpeed checkpoint -> Hugging Face folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoints folder (newest complete) or one global_stepN folder")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")
     _add_train_args(p)

@@ -87,6 +87,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def zero3_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a ZeRO-3 checkpoint of any rank count, offline (zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+
+
 def start_scheduler(scheduler: Any) -> None:
     """DeepSpeed's WarmupCosineLR begins at iteration -1, where its LR is 0, so the first
     optimizer step would learn nothing; start it at iteration 0, the minimum LR."""

@@ -252,7 +252,7 @@ def train(cfg: TrainConfig) -> int:
         _maybe_eval(cfg, engine, evals, state, sink, rank0, bar)
         _maybe_sample(cfg, engine, tok, state, sink, rank0, bar)
         if state.step % cfg.save_interval == 0 or state.step == max_steps or flags[1]:
-            _save(engine, ckpt_dir, state, data, cfg, model_config, tok.fingerprint, resolved)
+            _save(engine, ckpt_dir, state, data, cfg, model_config, tok, resolved)
         if flags[1]:
             _say(rank0, f"[train] stop signal received: checkpoint at step {state.step} saved, "
                  "exiting 0; relaunch to resume", bar)
@@ -350,17 +350,20 @@ _ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
 
 
 def _save(engine: Engine, directory: Path, state: TrainState, data: ResumableShardIterator,
-          cfg: TrainConfig, model_config: ArgonneConfig, tok_fp: str, resolved: dict) -> None:
+          cfg: TrainConfig, model_config: ArgonneConfig, tok: Any, resolved: dict) -> None:
     tag = ckpt.tag_for(state.step)
     client = {"step": state.step, "tokens": state.tokens, "data": data.state_dict(),
-              "model_config": model_config.to_dict(), "tokenizer_fingerprint": tok_fp,
+              "model_config": model_config.to_dict(), "tokenizer_fingerprint": tok.fingerprint,
+              "tokenizer_path": tok.path, "separator_id": tok.separator_id,
               "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(resolved),
               "micro_batch_size": engine.micro_batch_size}
     engine.save(directory, tag, client)
     dist.barrier()  # every rank's files are on disk before the marker says "complete"
     if engine.global_rank == 0:
-        ckpt.write_marker(directory, tag, {"step": state.step, "model": model_config.to_dict(),
-                                           "mode": engine.mode, "world_size": engine.world_size})
+        ckpt.write_marker(directory, tag, {
+            "step": state.step, "model": model_config.to_dict(), "mode": engine.mode,
+            "world_size": engine.world_size, "tokenizer_path": os.path.abspath(tok.path),
+            "separator_id": tok.separator_id})
         dropped = ckpt.rotate(directory, cfg.checkpoint_keep)
         print(f"[checkpoint] saved {directory}/{tag}" +
               (f" (rotated out {', '.join(dropped)})" if dropped else ""), flush=True)

@@ -1,0 +1,132 @@
+"""`argonne-ds export`: a DeepSpeed checkpoint (pipeline, ZeRO-3 or data parallel, any rank count)
+-> a Hugging Face folder that stock `transformers` loads without trust_remote_code; and back.
+
+Weights come out in plain Argonne names first (`full_state`), then through the Llama/Mistral key
+map of convert/hf.py. Pipeline checkpoints hold one file per layer (`layer_XX-model_states.pt`,
+the module weights the forward used); ZeRO-3 ones are gathered to fp32 by DeepSpeed's
+zero_to_fp32; data-parallel ones hold the module in `mp_rank_00_model_states.pt`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from argonne_ds import checkpoint as ckpt
+from argonne_ds.config import ArgonneConfig
+from argonne_ds.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from argonne_ds.model.pipe import pipe_to_plain_key
+
+logger = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, phrased for the user."""
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str, dict]:
+    """A checkpoints folder (its newest complete tag) or a global_stepN folder -> (dir, tag,
+    marker)."""
+    directory, tag = ckpt.split_checkpoint_path(path)
+    if tag is None:
+        complete = ckpt.resume_candidates(directory)
+        if not complete:
+            raise ExportError(f"{path}: no complete argonne-ds checkpoint (global_stepN folder "
+                              f"with {ckpt.MARKER}) there")
+        tag = complete[0]
+    marker = directory / tag / ckpt.MARKER
+    if not marker.is_file():
+        raise ExportError(f"{directory / tag} is not a complete argonne-ds checkpoint (no "
+                          f"{ckpt.MARKER}); export a finished one")
+    return directory, tag, json.loads(marker.read_text())
+
+
+def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]:
+    """The whole model's weights in plain Argonne names, fp32, on CPU."""
+    folder = directory / tag
+    layers = info["model"]["num_hidden_layers"]
+    if info["mode"] == "pipeline":
+        state = {}
+        for f in sorted(folder.glob("layer_*-model_states.pt")):
+            idx = int(f.name.split("_")[1].split("-")[0])
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                state[pipe_to_plain_key(f"{idx}.{k}", layers)] = v
+    elif info["mode"] == "zero3":
+        from argonne_ds.engine import zero3_fp32_state
+
+        state = zero3_fp32_state(directory, tag)
+    else:
+        blob = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)
+        state = dict(blob["module"])
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
+              max_shard_size: str = "5GB") -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    directory, tag, info = resolve_checkpoint(checkpoint)
+    config = ArgonneConfig(**{k: v for k, v in info["model"].items()
+                              if k not in ("model_type", "architectures", "transformers_version")})
+    state = full_state(directory, tag, info)
+    target = hf_config(config)
+    target.torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(target)
+    hf_state = to_hf_state_dict(state)
+    missing = set(model.state_dict()) - set(hf_state) - {
+        k for k in model.state_dict() if "rotary" in k}
+    if missing:
+        raise ExportError(f"{directory / tag}: weights missing for {sorted(missing)[:4]}")
+    model.load_state_dict(hf_state, strict=False, assign=True)
+    model = model.to(target.torch_dtype)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    sep = info.get("separator_id")
+    GenerationConfig(eos_token_id=sep, pad_token_id=sep, bos_token_id=None).save_pretrained(out)
+    tok = info.get("tokenizer_path")
+    if tok and Path(tok).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(tok) / name).is_file():
+                shutil.copy2(Path(tok) / name, out / name)
+        cfg_path = out / "tokenizer_config.json"
+        if cfg_path.is_file():
+            tc = json.loads(cfg_path.read_text())
+            tc["model_max_length"] = config.max_position_embeddings
+            cfg_path.write_text(json.dumps(tc, indent=2))
+    else:
+        logger.warning("tokenizer folder %s not found: the export has no tokenizer files", tok)
+    (out / "argonne_export.json").write_text(json.dumps(
+        {"checkpoint": str(directory / tag), "step": info.get("step"), "dtype": dtype}, indent=1))
+    return out
+
+
+def import_hf(folder: str | Path) -> tuple[ArgonneConfig, dict[str, torch.Tensor]]:
+    """An exported (or any Llama/Mistral-shaped) HF folder -> (ArgonneConfig, plain state)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if hf.model_type not in ("llama", "mistral"):
+        raise ExportError(f"{folder}: model_type {hf.model_type!r} is not Llama/Mistral-shaped")
+    if getattr(hf, "sliding_window", None):
+        raise ExportError(f"{folder}: sliding-window attention is not Argonne's full attention")
+    rope = (getattr(hf, "rope_parameters", None) or {})
+    config = ArgonneConfig(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+        num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.num_key_value_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
+        rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
+        rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=hf.tie_word_embeddings)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                 torch_dtype=torch.float32)
+    return config, from_hf_state_dict(model.state_dict())
