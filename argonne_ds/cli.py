@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -139,6 +140,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from argonne_ds.generate import SamplingConfig, generate_text, load_for_generation
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        text = Path(args.prompt_file).read_text()
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    model, tok = load_for_generation(args.model_path, args.checkpoint)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                              seed=args.seed)
+    outputs = generate_text(model, tok, prompts, sampling, args.batch_size)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, outputs)],
+                         indent=1))
+    else:
+        for p, c in zip(prompts, outputs):
+            print(f"{p}{c}\n---")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argonne-ds", description=__doc__)
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -167,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
+    src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")
     _add_train_args(p)

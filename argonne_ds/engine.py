@@ -89,9 +89,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def zero3_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a ZeRO-3 checkpoint of any rank count, offline (zero_to_fp32)."""
+    import contextlib
+    import sys
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
 
 
 def start_scheduler(scheduler: Any) -> None:

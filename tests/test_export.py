@@ -25,8 +25,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["cpu_pipeline.json", "cpu_zero3.json"])
-def test_export_loads_in_transformers_with_equal_logits(ws, tmp_path: Path,
-                                                        ds_config: str) -> None:
+def test_export_loads_in_transformers_with_equal_logits(ws, tmp_path: Path, ds_config: str,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
@@ -49,6 +50,14 @@ def test_export_loads_in_transformers_with_equal_logits(ws, tmp_path: Path,
     with torch.no_grad():
         loss = ours(ids[:, :-1], labels=ids[:, 1:]).loss.item()
     assert loss < steps(out)[1]["loss"]
+    # The CLI generates from the export and from the checkpoint itself, identically (greedy).
+    outs = []
+    capsys.readouterr()
+    for source in (["--model-path", str(hf_dir)], ["--checkpoint", str(out / "checkpoints")]):
+        assert main(["generate", *source, "--prompt", "in the", "--prompt", "the people of",
+                     "--greedy", "--max-new-tokens", "6", "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0] == outs[1] and [o["prompt"] for o in outs[0]] == ["in the", "the people of"]
     # ... and import back is exact.
     back_config, back = import_hf(hf_dir)
     assert back_config.head_dim == 16 and back_config.num_key_value_heads == 2

@@ -77,7 +77,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
                               if k not in ("model_type", "architectures", "transformers_version")})
     state = full_state(directory, tag, info)
     target = hf_config(config)
-    target.torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    target.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(target)
     hf_state = to_hf_state_dict(state)
@@ -86,7 +86,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
     if missing:
         raise ExportError(f"{directory / tag}: weights missing for {sorted(missing)[:4]}")
     model.load_state_dict(hf_state, strict=False, assign=True)
-    model = model.to(target.torch_dtype)
+    model = model.to(target.dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
@@ -128,5 +128,5 @@ def import_hf(folder: str | Path) -> tuple[ArgonneConfig, dict[str, torch.Tensor
         rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
         rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=hf.tie_word_embeddings)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     return config, from_hf_state_dict(model.state_dict())

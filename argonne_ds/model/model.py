@@ -88,6 +88,17 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotary_at(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for explicit positions (B, T) -> (B, 1, T, D): left-padded batches, KV cache."""
+    exponent = torch.arange(0, rotary.head_dim, 2, dtype=torch.int64,
+                            device=positions.device).float()
+    inv_freq = 1.0 / (rotary.theta ** (exponent / rotary.head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -113,12 +124,24 @@ class Attention(nn.Module):
         self.dropout = config.attention_dropout
         self.use_flash = config.use_flash_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """cache: [k, v] of earlier positions, extended in place (generation); mask: (B, 1, T, S)
+        bool, True = may attend (left padding). Training passes neither."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]  # (B, K, S, D): S = all positions so far
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         dropout = self.dropout if self.training else 0.0
         usable, reason = flash_attention_usable(q, self.head_dim) if self.use_flash else (
             False, "disabled by config")
@@ -160,8 +183,10 @@ class ArgonneBlock(nn.Module):
         self.mlp = SwiGLU(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, cache, mask))
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -224,9 +249,15 @@ class ArgonneModel(ArgonnePreTrainedModel):
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
+        cache: list[list[torch.Tensor]] | None = None,
+        attention_mask: torch.Tensor | None = None,
         **_: object,
     ) -> CausalLMOutput:
-        """input_ids, labels: (B, T) int64 -> logits (B, T, V), and the loss when labels given."""
+        """input_ids, labels: (B, T) int64 -> logits (B, T, V), and the loss when labels given.
+        Generation passes `cache` (one [k, v] list per block, filled in place) and
+        `attention_mask` (B, S): 1 for real tokens of all S positions so far, 0 for left pads."""
+        if cache is not None or attention_mask is not None:
+            return self._forward_cached(input_ids, cache, attention_mask)
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(
@@ -243,6 +274,27 @@ class ArgonneModel(ArgonnePreTrainedModel):
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _forward_cached(self, input_ids: torch.Tensor, cache: list[list[torch.Tensor]] | None,
+                        attention_mask: torch.Tensor | None) -> CausalLMOutput:
+        B, T = input_ids.shape
+        if cache is None:
+            cache = [[] for _ in self.blocks]
+        past = cache[0][0].shape[2] if cache[0] else 0
+        S = past + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        valid = attention_mask.bool()  # (B, S)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        query_at = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1)
+        causal = torch.arange(S, device=input_ids.device)[None, :] <= query_at  # (T, S)
+        mask = causal[None, None] & valid[:, None, None, :]  # (B, 1, T, S)
+        mask = mask | (torch.arange(S, device=input_ids.device)[None, :] == query_at)[None, None]
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_at(self.rotary, positions, x.dtype)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, cos, sin, layer_cache, mask)
+        return CausalLMOutput(logits=self.lm_head(self.norm(x)))
 
 
 def count_parameters(config: ArgonneConfig) -> dict[str, int]:
