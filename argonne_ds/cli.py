@@ -163,6 +163,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from argonne_ds.data.loader import DataConfig
+    from argonne_ds.evaluate import evaluate
+    from argonne_ds.generate import load_for_generation
+
+    model, tok = load_for_generation(args.model_path, args.checkpoint)
+    data = DataConfig(args.data_glob, tokenizer_path=tok.name_or_path, cache_dir=args.cache_dir,
+                      text_column=args.text_column, on_bad_shard=args.on_bad_shard,
+                      block_size=min(args.block_size, model.config.max_position_embeddings),
+                      encoder=args.encoder)
+    result = evaluate(model, data, args.batch_size, args.max_batches,
+                      show_progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"[eval] loss {result['loss']:.4f} | perplexity {result['perplexity']:,.2f} | "
+              f"{result['tokens']:,} tokens in {result['blocks']:,} blocks of "
+              f"{result['block_size']} | {result['tokens_per_s']:,.0f} tok/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argonne-ds", description=__doc__)
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -207,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="loss and perplexity on held-out shards")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
+    src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
+    p.add_argument("--data-glob", nargs="+", required=True, help="held-out parquet shards")
+    p.add_argument("--cache-dir", help="token cache (default: tokenize while streaming)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--on-bad-shard", choices=("error", "skip"), default="error")
+    p.add_argument("--encoder", choices=("auto", "gigatoken", "tokenizers"), default="auto")
+    p.add_argument("--block-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, help="stop after this many batches")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")
     _add_train_args(p)
