@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
         log_interval=args.log_interval, eval_interval=args.eval_interval,
         eval_data_glob=args.eval_data_glob or [], eval_batches=args.eval_batches,
         sample_interval=args.sample_interval, sample_prompt=args.sample_prompt,
-        sample_tokens=args.sample_tokens, peak_tflops=args.peak_tflops)
+        sample_tokens=args.sample_tokens, peak_tflops=args.peak_tflops, from_hf=args.from_hf)
     try:
         return train(cfg)
     except OutOfMemory as e:
@@ -98,6 +98,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     a = p.add_argument
     a("--model", default="tiny", help="preset name or model config JSON")
+    a("--from-hf", help="start from this Hugging Face folder's weights and config (a "
+      "checkpoint in --output-dir still takes precedence: resuming wins)")
     a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
       help="DeepSpeed JSON (ds_configs/): its sections pick pipeline or ZeRO-3")
     a("--block-size", type=int, default=4096, help="tokens per sample (capped at the context)")

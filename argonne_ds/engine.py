@@ -26,7 +26,7 @@ from torch import nn
 
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.model.model import ArgonneModel, RMSNorm, init_module
-from argonne_ds.model.pipe import build_pipeline_module
+from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -116,7 +116,10 @@ class Engine:
     """Owns the DeepSpeed engine; the trainer never touches DeepSpeed directly."""
 
     def __init__(self, model_config: ArgonneConfig, ds_config: dict[str, Any],
-                 weight_decay: float = 0.1, seed: int = 1234) -> None:
+                 weight_decay: float = 0.1, seed: int = 1234,
+                 init_state: dict[str, torch.Tensor] | None = None) -> None:
+        """`init_state`: plain-model weights to start from (e.g. an imported HF folder), loaded
+        before deepspeed.initialize so the optimizer's fp32 masters are built from them."""
         init_distributed()
         self.model_config = model_config
         self.ds_config = copy.deepcopy(ds_config)
@@ -134,6 +137,8 @@ class Engine:
             self._init_partitioned(model)
         else:
             model = ArgonneModel(model_config)
+        if init_state is not None:
+            self._load_plain_state(model, init_state)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
             config=self.ds_config)
@@ -151,6 +156,19 @@ class Engine:
                     max_norm=self.engine.gradient_clipping(), mpu=self.engine.mpu))
 
             self.engine.clip_fp32_gradients = clip_and_record
+
+    def _load_plain_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.mode == "pipeline":
+            load_plain_state_into_pipe(model, state, self.model_config.num_hidden_layers)
+            return
+        missing = set(dict(model.named_parameters())) - set(state)
+        if missing:
+            raise ConfigError(f"the initial weights lack {sorted(missing)[:4]}")
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self.mode != "zero3" or dist.get_rank() == 0:
+                    with torch.no_grad():
+                        p.copy_(state[name].to(p.dtype))
 
     def _init_partitioned(self, model: nn.Module) -> None:
         """Under zero.Init the HF post_init ran on empty partitions: initialise each module with

@@ -64,6 +64,7 @@ class TrainConfig:
     sample_tokens: int = 32
     peak_tflops: float | None = None
     min_micro_batch_size: int = 1
+    from_hf: str | None = None  # start from this HF folder's weights (its config is the model)
 
 
 class OutOfMemory(RuntimeError):
@@ -165,14 +166,20 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig) -> int:
-    model_config = load_model_config(cfg.model)
+    init_state = None
+    if cfg.from_hf:
+        from argonne_ds.convert.export import import_hf
+
+        model_config, init_state = import_hf(cfg.from_hf)
+    else:
+        model_config = load_model_config(cfg.model)
     if cfg.data.block_size > model_config.max_position_embeddings:
         logger.warning("--block-size %d exceeds the model's context; using %d",
                        cfg.data.block_size, model_config.max_position_embeddings)
         cfg.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, max_steps, notes = resolve_ds_config(cfg, world)
-    engine = Engine(model_config, ds_config, cfg.weight_decay, cfg.seed)
+    engine = Engine(model_config, ds_config, cfg.weight_decay, cfg.seed, init_state)
     rank0 = engine.global_rank == 0
     for note in notes:
         _say(rank0, f"[config] {note}")
@@ -194,6 +201,8 @@ def train(cfg: TrainConfig) -> int:
     flops_tok = flops_per_token(model_config, cfg.data.block_size)
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        cfg.peak_tflops)
+    if cfg.from_hf and state.step == 0:
+        _say(rank0, f"[train] starting from the weights of {cfg.from_hf}")
     _say(rank0, f"[train] {engine.mode} on {world} ranks (data-parallel {engine.dp_world}), "
          f"global batch {engine.global_batch_size} x {cfg.data.block_size} tokens, steps "
          f"{state.step} -> {max_steps}, output {out}")

@@ -67,3 +67,32 @@ def test_export_loads_in_transformers_with_equal_logits(ws, tmp_path: Path, ds_c
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no complete argonne-ds checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_training_continues_from_an_hf_folder_exactly(ws, tmp_path: Path) -> None:
+    """ZeRO-3 run -> export -> a pipeline run starting from the HF folder: its first loss is the
+    plain model's loss on that first global batch, computed here independently."""
+    from argonne_ds.data.loader import DataConfig, build_data_iterator
+
+    run(train_cmd(ws, "cpu_zero3.json", tmp_path / "a", "--max-steps", "4",
+                  "--save-interval", "4"))
+    hf_dir = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(tmp_path / "a" / "checkpoints"), "--out",
+                 str(hf_dir), "--dtype", "fp32"]) == 0
+    b = tmp_path / "b"
+    res = run(train_cmd(ws, "cpu_pipeline.json", b, "--from-hf", str(hf_dir), "--max-steps", "1",
+                        "--save-interval", "1"))
+    assert f"starting from the weights of {hf_dir}" in res.stdout
+    model = ArgonneModel(ArgonneConfig(**MODEL)).eval()
+    _, tag, info = resolve_checkpoint(tmp_path / "a" / "checkpoints")
+    model.load_state_dict(full_state(tmp_path / "a" / "checkpoints", tag, info))
+    data = DataConfig([ws["glob"]], cache_dir=ws["cache"], block_size=32,
+                      fallback_vocab_size=512)
+    it, _ = build_data_iterator(data, global_batch_size=8, micro_batch_size=8,
+                                show_progress=False)
+    x, y = next(it)
+    with torch.no_grad():
+        expected = model(x, labels=y).loss.item()
+    assert steps(b)[1]["loss"] == pytest.approx(expected, rel=1e-5)
