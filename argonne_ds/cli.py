@@ -186,6 +186,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_original(args: argparse.Namespace) -> int:
+    from argonne_ds.convert.original import import_original
+
+    out = import_original(args.checkpoint, args.out, model=args.model, dtype=args.dtype)
+    meta = json.loads((out / "argonne_import.json").read_text())
+    print(f"[import] {args.checkpoint} -> {out}: step {meta['step']}, {meta['tokens']:,} tokens; "
+          f"continue with: argonne-ds train --from-hf {out} ... (copy the tokenizer files in, "
+          "or pass --tokenizer-path)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argonne-ds", description=__doc__)
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -246,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("import-original",
+                       help="an original Argonne 2.0 .pth checkpoint -> a folder train resumes")
+    p.add_argument("--checkpoint", required=True, help="the original FILE.pth")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="argonne2-orig", help="its model config (preset or JSON)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
+    p.set_defaults(func=_import_original)
 
     p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")
     _add_train_args(p)

@@ -242,6 +242,13 @@ class Engine:
         norm = self._fp32_norm if norm is None else norm
         return StepResult(loss, None if norm is None else float(norm), lr)
 
+    def set_step(self, step: int) -> None:
+        """Continue a run imported from elsewhere at `step`: counters and LR schedule."""
+        self.engine.global_steps = step
+        self.engine.global_samples = step * self.global_batch_size
+        if self.scheduler is not None:
+            self.scheduler.step(step)
+
     def set_micro_batch_size(self, micro: int) -> None:
         """Keep the global batch, change the micro-batch: accumulation follows (OOM backoff).
         A step interrupted half-way (an OOM) is discarded: its gradients and micro-step count."""

@@ -202,7 +202,7 @@ def train(cfg: TrainConfig) -> int:
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        cfg.peak_tflops)
     if cfg.from_hf and state.step == 0:
-        _say(rank0, f"[train] starting from the weights of {cfg.from_hf}")
+        state = _carry_import(cfg.from_hf, engine, state, rank0)
     _say(rank0, f"[train] {engine.mode} on {world} ranks (data-parallel {engine.dp_world}), "
          f"global batch {engine.global_batch_size} x {cfg.data.block_size} tokens, steps "
          f"{state.step} -> {max_steps}, output {out}")
@@ -333,6 +333,23 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
                   f"{client['tokens']:,} tokens, data sample {data.samples:,}", flush=True)
         return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
     return TrainState()
+
+
+def _carry_import(folder: str, engine: Engine, state: TrainState, rank0: bool) -> TrainState:
+    """Weights came from an HF folder; an imported original checkpoint also carries its step
+    and tokens, so the LR schedule continues where it stopped."""
+    meta_path = Path(folder) / "argonne_import.json"
+    _say(rank0, f"[train] starting from the weights of {folder}")
+    if not meta_path.is_file():
+        return state
+    meta = json.loads(meta_path.read_text())
+    step = int(meta.get("step") or 0)
+    engine.set_step(step)
+    _say(rank0, f"[train] imported from {meta.get('source')}: step {step}, "
+         f"{meta.get('tokens', 0):,} tokens; LR schedule continues at step {step}; optimizer "
+         "moments restart; data position restarts (the original's chunking does not map onto "
+         "these blocks)")
+    return TrainState(step, int(meta.get("tokens") or 0), state.run_id)
 
 
 def _check_compatible(path: Path, engine: Engine, model_config: ArgonneConfig) -> None:

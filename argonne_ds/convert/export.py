@@ -70,12 +70,23 @@ def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
               max_shard_size: str = "5GB") -> Path:
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     directory, tag, info = resolve_checkpoint(checkpoint)
     config = ArgonneConfig(**{k: v for k, v in info["model"].items()
                               if k not in ("model_type", "architectures", "transformers_version")})
-    state = full_state(directory, tag, info)
+    out = write_hf_folder(full_state(directory, tag, info), config, out, dtype=dtype,
+                          tokenizer_path=info.get("tokenizer_path"),
+                          separator_id=info.get("separator_id"), max_shard_size=max_shard_size)
+    (out / "argonne_export.json").write_text(json.dumps(
+        {"checkpoint": str(directory / tag), "step": info.get("step"), "dtype": dtype}, indent=1))
+    return out
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], config: ArgonneConfig, out: str | Path,
+                    dtype: str = "bf16", tokenizer_path: str | None = None,
+                    separator_id: int | None = None, max_shard_size: str = "5GB") -> Path:
+    """Plain Argonne weights -> a stock Llama/Mistral folder (+ tokenizer, generation config)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     target = hf_config(config)
     target.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     with torch.device("meta"):
@@ -84,28 +95,26 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
     missing = set(model.state_dict()) - set(hf_state) - {
         k for k in model.state_dict() if "rotary" in k}
     if missing:
-        raise ExportError(f"{directory / tag}: weights missing for {sorted(missing)[:4]}")
+        raise ExportError(f"weights missing for {sorted(missing)[:4]}")
     model.load_state_dict(hf_state, strict=False, assign=True)
     model = model.to(target.dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    sep = info.get("separator_id")
-    GenerationConfig(eos_token_id=sep, pad_token_id=sep, bos_token_id=None).save_pretrained(out)
-    tok = info.get("tokenizer_path")
-    if tok and Path(tok).is_dir():
+    GenerationConfig(eos_token_id=separator_id, pad_token_id=separator_id,
+                     bos_token_id=None).save_pretrained(out)
+    if tokenizer_path and Path(tokenizer_path).is_dir():
         for name in TOKENIZER_FILES:
-            if (Path(tok) / name).is_file():
-                shutil.copy2(Path(tok) / name, out / name)
+            if (Path(tokenizer_path) / name).is_file():
+                shutil.copy2(Path(tokenizer_path) / name, out / name)
         cfg_path = out / "tokenizer_config.json"
         if cfg_path.is_file():
             tc = json.loads(cfg_path.read_text())
             tc["model_max_length"] = config.max_position_embeddings
             cfg_path.write_text(json.dumps(tc, indent=2))
     else:
-        logger.warning("tokenizer folder %s not found: the export has no tokenizer files", tok)
-    (out / "argonne_export.json").write_text(json.dumps(
-        {"checkpoint": str(directory / tag), "step": info.get("step"), "dtype": dtype}, indent=1))
+        logger.warning("no tokenizer folder (%s): %s has no tokenizer files; copy them in",
+                       tokenizer_path, out)
     return out
 
 
