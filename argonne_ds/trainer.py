@@ -124,7 +124,11 @@ def resolve_ds_config(cfg: TrainConfig, world_size: int) -> tuple[dict[str, Any]
         "warmup_type": "linear", "warmup_min_ratio": ratio, "cos_min_ratio": ratio}}
     if cfg.precision:
         for kind in ("bf16", "fp16"):
-            override([kind, "enabled"], cfg.precision == kind, f"--{cfg.precision}")
+            want = cfg.precision == kind
+            if want != bool((ds.get(kind) or {}).get("enabled", False)):
+                notes.append(f"--{cfg.precision} {'enables' if want else 'disables'} {kind} "
+                             "(the JSON said otherwise)")
+            ds.setdefault(kind, {})["enabled"] = want
     return ds, max_steps, notes
 
 
