@@ -35,6 +35,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    if args.tokenizer_path and args.encoder != "tokenizers":
+        from argonne_ds.data.encode_worker import prestart
+
+        prestart(args.tokenizer_path)  # gigatoken's process starts up while we load ours
     from argonne_ds.data.cache import prepare_cache
     from argonne_ds.data.discovery import describe_plan, discover_shards
     from argonne_ds.data.loader import DEFAULT_TOKENIZER_DIR, DataConfig, resolve_tokenizer
@@ -43,10 +47,6 @@ def _prepare(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir or DEFAULT_TOKENIZER_DIR,
                      text_column=args.text_column, on_bad_shard=args.on_bad_shard,
                      fallback_vocab_size=args.fallback_vocab_size, encoder=args.encoder)
-    if cfg.tokenizer_path and cfg.encoder != "tokenizers":
-        from argonne_ds.data.encode_worker import prestart
-
-        prestart(cfg.tokenizer_path)  # gigatoken's process starts up while we load ours
     shards = discover_shards(cfg.data_glob)
     print(f"[prepare] {describe_plan(shards)}", flush=True)
     tok = resolve_tokenizer(cfg, shards)

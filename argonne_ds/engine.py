@@ -186,6 +186,10 @@ class Engine:
         return dist.get_rank()
 
     @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+    @property
     def world_size(self) -> int:
         return dist.get_world_size()
 

@@ -232,7 +232,8 @@ def train(cfg: TrainConfig) -> int:
             if not is_oom(e):
                 raise
             oom = True
-        flags = torch.tensor([float(oom), float(stop.signal is not None)])
+        # On the engine's device: NCCL reduces CUDA tensors only.
+        flags = torch.tensor([float(oom), float(stop.signal is not None)], device=engine.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank takes the same branch
         if flags[0]:
             _backoff(engine, data, before, cfg, rank0)
@@ -323,7 +324,7 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
             logger.warning("could not load checkpoint %s/%s (%s: %s); trying an earlier one",
                            directory, tag, type(e).__name__, e)
             client, ok = {}, 0.0
-        agree = torch.tensor([ok])
+        agree = torch.tensor([ok], device=engine.device)
         dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # all ranks resume from the same one
         if not agree[0]:
             continue

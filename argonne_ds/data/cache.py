@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import numpy as np
 
 from argonne_ds.data import DataError
 from argonne_ds.data.discovery import Shard, shard_list_fingerprint
-from argonne_ds.data.shards import BAD_SHARD_HINT, iter_text_batches
-from argonne_ds.data.tokenizer import Encoder, LoadedTokenizer, make_encoder
+from argonne_ds.data.shards import BAD_SHARD_HINT, TextBatch, iter_text_batches
+from argonne_ds.data.tokenizer import Encoder, GigatokenEncoder, LoadedTokenizer, make_encoder
 
 logger = logging.getLogger(__name__)
 TOKEN_DTYPE = np.uint32  # Qwen's 151k vocab does not fit uint16
@@ -96,11 +97,23 @@ def _read_entry(tokens_dir: Path, key: str) -> ShardEntry | None:
     return entry
 
 
-def iter_encoded(shard: Shard, text_column: str, encoder: Encoder, start_row: int = 0
+def _read_ahead(batches: Iterator[TextBatch]) -> Iterator[TextBatch]:
+    """The same batches, the next one read (and decompressed) on a thread while the caller
+    encodes this one: pyarrow and gigatoken both release the GIL. Errors surface in order."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(next, batches, None)
+        while (batch := pending.result()) is not None:
+            pending = pool.submit(next, batches, None)
+            yield batch
+
+
+def iter_encoded(shard: Shard, text_column: str, encoder: Encoder, start_row: int = 0,
+                 read_ahead: bool = False, batch_rows: int | None = None,
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
     """(tokens, per-doc lengths, per-doc row numbers, rows read, skipped docs) batch by batch:
     the one tokenization path shared by prepare and streaming mode."""
-    for batch in iter_text_batches(shard, text_column, start_row=start_row):
+    batches = iter_text_batches(shard, text_column, start_row=start_row, batch_rows=batch_rows)
+    for batch in _read_ahead(batches) if read_ahead else batches:
         if len(batch.texts):
             tokens, lengths = encoder.encode(batch.texts)
         else:
@@ -112,19 +125,30 @@ def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
                     encoder: Encoder, progress: object | None) -> ShardEntry:
     entry = ShardEntry(shard.name, shard.path, key)
     tmp = tokens_dir / f"{key}.bin.tmp{os.getpid()}"
+
+    def show(rows: int) -> None:
+        if progress is not None:
+            progress.set_postfix_str(f"{shard.name} row {rows:,}", refresh=False)
+
     try:
-        with open(tmp, "wb") as f:
-            done_rows = 0
-            for tokens, lengths, _, n_rows, n_skipped in iter_encoded(shard, text_column, encoder):
-                tokens.tofile(f)
-                entry.n_tokens += len(tokens)
-                entry.n_docs += len(lengths)
-                entry.n_skipped_docs += n_skipped
-                done_rows += n_rows
-                if progress is not None:
-                    progress.set_postfix_str(f"{shard.name} row {done_rows:,}", refresh=False)
-            f.flush()
-            os.fsync(f.fileno())
+        # gigatoken: in its helper process, whose memory stays bounded (encode_worker.py).
+        counts = (encoder.tokenize_shard(shard, text_column, str(tmp), show)
+                  if isinstance(encoder, GigatokenEncoder) else None)
+        if counts is not None:
+            entry.n_tokens, entry.n_docs, entry.n_skipped_docs = counts
+        else:
+            with open(tmp, "wb") as f:
+                done_rows = 0
+                for tokens, lengths, _, n_rows, n_skipped in iter_encoded(shard, text_column,
+                                                                          encoder):
+                    tokens.tofile(f)
+                    entry.n_tokens += len(tokens)
+                    entry.n_docs += len(lengths)
+                    entry.n_skipped_docs += n_skipped
+                    done_rows += n_rows
+                    show(done_rows)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name says it is complete
         os.replace(tmp, tokens_dir / f"{key}.bin")
     finally:
         with contextlib.suppress(FileNotFoundError):

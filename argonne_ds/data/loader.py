@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from argonne_ds.data import DataError
 from argonne_ds.data.cache import _build_lock, prepare_cache
 from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list_fingerprint
 from argonne_ds.data.shards import BAD_SHARD_HINT, open_shard
-from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
 from argonne_ds.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
     make_encoder,
     train_fallback_tokenizer,
 )
+
+if TYPE_CHECKING:  # stream.py imports torch (~1 s): not on `prepare`'s path
+    from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOKENIZER_DIR = ".argonne_cache"
@@ -90,6 +93,8 @@ def build_data_iterator(
     cfg: DataConfig, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
     dp_world: int = 1, model_vocab_size: int | None = None, show_progress: bool = True,
 ) -> tuple[ResumableShardIterator, LoadedTokenizer]:
+    from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
+
     shards = discover_shards(cfg.data_glob)
     logger.info("data: %s", describe_plan(shards))
     tok = resolve_tokenizer(cfg, shards, model_vocab_size)

@@ -8,10 +8,11 @@ transformers object (pad token ensured, model_max_length = block size) for train
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,15 +189,14 @@ class Encoder(Protocol):
         ...
 
 
-def _join_with_separator(flat: np.ndarray, lengths: np.ndarray, sep: int
+def _join_with_separator(flat: np.ndarray, offsets: np.ndarray, sep: int
                          ) -> tuple[np.ndarray, np.ndarray]:
-    lengths = lengths.astype(np.int64) + 1
-    out = np.empty(int(lengths.sum()), dtype=np.uint32)
-    is_sep = np.zeros(len(out), dtype=bool)
-    is_sep[np.cumsum(lengths) - 1] = True
-    out[is_sep] = sep
-    out[~is_sep] = flat
-    return out, lengths
+    """Documents flat[offsets[i]:offsets[i+1]] -> each followed by `sep`, and their lengths
+    (separator included). One vectorised insert: no per-document Python work."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    flat = np.asarray(flat, dtype=np.uint32)[offsets[0]:offsets[-1]]
+    out = np.insert(flat, offsets[1:] - offsets[0], np.uint32(sep))
+    return out, np.diff(offsets) + 1
 
 
 class HFEncoder:
@@ -210,40 +210,134 @@ class HFEncoder:
     def encode(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         encs = self.backend.encode_batch_fast(texts.to_pylist(), add_special_tokens=False)
         lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.uint32,
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.uint32,
                            count=int(lengths.sum()))
-        return _join_with_separator(flat, lengths, self.sep)
+        return _join_with_separator(flat, np.concatenate([[0], np.cumsum(lengths)]), self.sep)
+
+
+def _awkward_strings(texts: pa.Array) -> Any:
+    """An arrow string array as an awkward array over the same buffers (no copy). gigatoken
+    0.10 only takes int64 offsets without an option type (int32 offsets, which a batch without
+    nulls has, raise "awkward input must be an array of strings"): hence large_string, whose
+    cast rewrites only the offsets."""
+    import awkward as ak
+    import pyarrow.compute as pc
+
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if texts.null_count:  # not from iter_text_batches; keep one (empty) document per row
+        texts = pc.fill_null(texts, "")
+    if not pa.types.is_large_string(texts.type):
+        texts = texts.cast(pa.large_string())
+    _, offsets, data = texts.buffers()
+    offs = np.frombuffer(offsets, dtype=np.int64, count=len(texts) + 1, offset=8 * texts.offset)
+    chars = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return ak.Array(ak.contents.ListOffsetArray(
+        ak.index.Index64(offs), ak.contents.NumpyArray(chars, parameters={"__array__": "char"}),
+        parameters={"__array__": "string"}))
 
 
 class GigatokenEncoder:
-    """gigatoken (Rust): the same ids as `tokenizers`, 10-20x faster; takes arrow strings
-    without making Python objects."""
+    """gigatoken (Rust): the same ids as `tokenizers`, 10-20x faster; reads arrow's buffers
+    without making Python objects.
+
+    The backend loads on the first `encode` (~0.4 s): `prepare` tokenizes in a helper process
+    (`tokenize_shard`, encode_worker.py) and never loads it here. gigatoken 0.10.0's per-thread
+    pretoken caches grow with every new pretoken (upstream #36): the helper process bounds that
+    by recycling itself; in this process (streaming mode) the backend is rebuilt after
+    `reload_bytes` of text.
+    """
 
     name = "gigatoken"
 
-    def __init__(self, tok: LoadedTokenizer) -> None:
-        import awkward as ak
-        import gigatoken
+    def __init__(self, tok: LoadedTokenizer | None = None, *, json_path: str | Path | None = None,
+                 sep: int | None = None, fallback: Encoder | None = None,
+                 parallel: bool | None = None, reload_bytes: int = 2**30) -> None:
+        import gigatoken  # cheap (the Rust module); raises here when not installed
 
-        self.ak = ak
-        self.gt = gigatoken.Tokenizer(tok.backend)
-        self.sep = tok.separator_id
-        # 0.10.0's per-worker pretoken caches grow without bound (upstream #36); later versions
-        # can cap them. prepare.py also recycles its worker process to bound RSS.
+        if tok is not None:
+            json_path, sep = Path(tok.path) / "tokenizer.json", tok.separator_id
+        if json_path is None or sep is None:
+            raise TypeError("GigatokenEncoder needs a LoadedTokenizer or json_path and sep")
+        self.json_path, self.sep = str(json_path), sep
+        self.fallback = fallback  # auto mode: used when gigatoken cannot take the tokenizer
+        self.parallel = parallel  # None: gigatoken decides (serial in forked/multiprocessing)
+        self.reload_bytes, self._since_load = reload_bytes, 0
+        self._gt: Any = None
+        self._failed = ""
+        # Later gigatoken versions can cap the caches themselves (before construction).
         if hasattr(gigatoken, "set_max_cache_bytes"):
             gigatoken.set_max_cache_bytes(256 * 2**20)
 
+    def load(self) -> Any:
+        """The gigatoken tokenizer, loaded now if not yet; None when it cannot take this
+        tokenizer and there is a fallback."""
+        if self._gt is None and not self._failed:
+            import gigatoken
+
+            try:
+                self._gt = gigatoken.Tokenizer.from_json(Path(self.json_path).read_bytes())
+            except Exception as e:  # noqa: BLE001 - it raises bare Exceptions on unknown models
+                self.unusable(f"{type(e).__name__}: {e}")
+        return self._gt
+
+    def unusable(self, why: str) -> None:
+        """gigatoken cannot take this tokenizer: fall back (auto) or say so (--encoder
+        gigatoken)."""
+        if self.fallback is None:
+            raise DataError(f"gigatoken cannot take tokenizer {self.json_path} ({why}); pass "
+                            "--encoder tokenizers")
+        logger.info("gigatoken cannot take %s (%s); using %s", self.json_path, why,
+                    self.fallback.name)
+        self._failed = why
+
     def encode(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        # Arrow arrays carry a validity bitmap (an option type to awkward) even with no nulls.
-        out = self.gt.encode_batch(self.ak.drop_none(self.ak.from_arrow(texts)))
-        lengths = np.asarray(self.ak.num(out, axis=1), dtype=np.int64)
-        flat = np.asarray(self.ak.flatten(out, axis=1), dtype=np.uint32)
-        return _join_with_separator(flat, lengths, self.sep)
+        gt = self.load()
+        if gt is None:
+            assert self.fallback is not None
+            return self.fallback.encode(texts)
+        out = gt.encode_batch(_awkward_strings(texts), parallel=self.parallel)
+        self._since_load += texts.nbytes
+        if self._since_load > self.reload_bytes:  # a fresh backend: fresh (empty) caches
+            self._gt, self._since_load = None, 0
+        layout = out.layout
+        if hasattr(layout, "offsets") and hasattr(layout.content, "data"):
+            # One flat buffer of ids plus document offsets: read both in place.
+            flat, offsets = np.asarray(layout.content.data), np.asarray(layout.offsets)
+        else:  # another layout (not seen from 0.10.0): let awkward flatten it
+            import awkward as ak
+
+            flat = np.asarray(ak.flatten(out, axis=1), dtype=np.uint32)
+            offsets = np.concatenate([[0], np.cumsum(np.asarray(ak.num(out, axis=1)))])
+        return _join_with_separator(flat, offsets, self.sep)
+
+    def tokenize_shard(self, shard: Shard, text_column: str, out: str,
+                       on_rows: Callable[[int], None] | None = None,
+                       batch_rows: int | None = None) -> tuple[int, int, int] | None:
+        """Tokenize a whole shard into the file `out` in the helper process (bounded memory):
+        (tokens, docs, skipped docs); None when gigatoken cannot take this tokenizer (then
+        `encode` falls back). Raises DataError for a bad shard."""
+        from argonne_ds.data import encode_worker
+
+        for attempt in range(2):
+            if self._failed:
+                return None
+            server = encode_worker.get_server(self.json_path)
+            if not server.ready():
+                self.unusable(server.error)
+                continue
+            try:
+                return server.tokenize(shard, text_column, self.sep, out, on_rows, batch_rows)
+            except encode_worker.ServerExited as e:
+                if attempt or not e.unstarted:  # it left on idle just as we asked: once more
+                    raise
+        return None
 
 
 def make_encoder(tok: LoadedTokenizer, prefer: str = "auto") -> Encoder:
     """The fastest exact encoder that takes this tokenizer: gigatoken, else HF tokenizers.
-    Memoised per process (gigatoken's conversion of Qwen's tokenizer takes ~0.5 s)."""
+    Memoised per process (gigatoken's conversion of Qwen's tokenizer takes ~0.4 s, on first
+    use)."""
     key = (tok.path, tok.fingerprint, prefer)
     if key not in _ENCODERS:
         _ENCODERS[key] = _make_encoder(tok, prefer)
@@ -253,11 +347,13 @@ def make_encoder(tok: LoadedTokenizer, prefer: str = "auto") -> Encoder:
 def _make_encoder(tok: LoadedTokenizer, prefer: str) -> Encoder:
     if prefer == "tokenizers":
         return HFEncoder(tok)
-    if prefer in ("auto", "gigatoken"):
-        try:
-            return GigatokenEncoder(tok)
-        except Exception as e:  # noqa: BLE001 - not installed, or it cannot take this tokenizer
-            if prefer == "gigatoken":
-                raise DataError(f"gigatoken cannot take tokenizer {tok.path}: {e}") from e
-            logger.info("gigatoken unavailable (%s); using HF tokenizers", e)
+    try:
+        # Lazy: whether gigatoken takes this tokenizer shows on first use, which falls back to
+        # HF tokenizers in auto mode.
+        return GigatokenEncoder(tok, fallback=HFEncoder(tok) if prefer == "auto" else None)
+    except ImportError as e:
+        if prefer == "gigatoken":
+            raise DataError(f"--encoder gigatoken: gigatoken is not installed ({e}); pip "
+                            "install gigatoken or pass --encoder tokenizers") from e
+        logger.info("gigatoken unavailable (%s); using HF tokenizers", e)
     return HFEncoder(tok)
