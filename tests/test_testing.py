@@ -46,11 +46,13 @@ def _rank_1_exits_without_reporting(rank: int, world_size: int, code: int) -> st
     return "done"
 
 
-def _live_workers() -> list[psutil.Process]:
-    # multiprocessing's resource tracker is a long-lived child of this process by design; only
-    # worker processes (or anything they started) count as leaks.
+def _live_workers(before: set[int] | None = None) -> list[psutil.Process]:
+    # multiprocessing's resource tracker is a long-lived child of this process by design, and
+    # other tests may leave helpers of their own (`before`); only the call's workers (or
+    # anything they started) count as leaks.
     children = psutil.Process().children(recursive=True)
-    return [c for c in children if "resource_tracker" not in " ".join(_cmdline(c))]
+    return [c for c in children if "resource_tracker" not in " ".join(_cmdline(c))
+            and c.pid not in (before or set()) and c.status() != psutil.STATUS_ZOMBIE]
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:
@@ -75,6 +77,7 @@ def test_all_reduce_across_two_ranks() -> None:
 
 def test_error_on_one_rank_is_reported_with_traceback_quickly() -> None:
     timeout_s = 60.0
+    before = {p.pid for p in _live_workers()}
     start = time.monotonic()
     with pytest.raises(DistributedTestError) as info:
         # kwargs reach fn after (rank, world_size): only the rank named fails.
@@ -91,11 +94,12 @@ def test_error_on_one_rank_is_reported_with_traceback_quickly() -> None:
     # Rank 0 waits in the final barrier for a peer that will never come; the harness must kill
     # it at once rather than wait for the deadline or the process-group timeout.
     assert elapsed < 20, f"took {elapsed:.1f} s"
-    assert not _live_workers()
+    assert not _live_workers(before)
 
 
 def test_hung_rank_hits_the_deadline_and_leaves_no_processes() -> None:
     timeout_s = 10.0
+    before = {p.pid for p in _live_workers()}
     start = time.monotonic()
     with pytest.raises(DistributedTestError) as info:
         run_distributed_test(_rank_0_hangs, world_size=2, timeout_s=timeout_s)
@@ -106,10 +110,11 @@ def test_hung_rank_hits_the_deadline_and_leaves_no_processes() -> None:
     assert "ranks [0]" in message or "ranks [0, 1]" in message
     assert timeout_s <= elapsed < timeout_s + 5, f"took {elapsed:.1f} s"
     assert not multiprocessing.active_children()
-    assert not _live_workers()
+    assert not _live_workers(before)
 
 
 def test_rank_exiting_without_a_report_names_the_exit_code() -> None:
+    before = {p.pid for p in _live_workers()}
     start = time.monotonic()
     with pytest.raises(DistributedTestError) as info:
         # args reach fn after (rank, world_size).
@@ -119,7 +124,7 @@ def test_rank_exiting_without_a_report_names_the_exit_code() -> None:
     assert "rank 1 died without reporting" in message
     assert "exit code 3" in message
     assert elapsed < 20, f"took {elapsed:.1f} s"
-    assert not _live_workers()
+    assert not _live_workers(before)
 
 
 def test_unpicklable_fn_is_rejected_up_front() -> None:
