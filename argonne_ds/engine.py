@@ -232,14 +232,17 @@ class Engine:
         if self.mode == "pipeline":
             loss = float(self.engine.train_batch(data_iter=data))
         else:
-            total = torch.zeros((), dtype=torch.float32)
+            # Summed on the device (no host sync per micro-batch); only the loss is kept, so the
+            # (B, T, V) logits are freed before backward.
+            total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
             for _ in range(self.grad_accum):
                 x, y = next(data)
-                out = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device))
-                self.engine.backward(out.loss)
+                micro_loss = self.engine(x.to(self.engine.device),
+                                         labels=y.to(self.engine.device)).loss
+                self.engine.backward(micro_loss)
                 self.engine.step()
-                total += out.loss.detach().float().cpu()
-            loss_t = (total / self.grad_accum).to(self.engine.device)
+                total += micro_loss.detach().float()
+            loss_t = total / self.grad_accum
             dist.all_reduce(loss_t, group=self.engine.data_parallel_group)
             loss = float(loss_t) / self.dp_world
         norm = self.engine.get_global_grad_norm()
