@@ -18,7 +18,7 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
     python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-if ! python -c "import argonne_ds, deepspeed, pytest, ruff" 2>/dev/null; then
+if ! python -c "import argonne_ds, deepspeed, gigatoken, pytest, ruff, wandb" 2>/dev/null; then
     echo "[setup] installing argonne-ds[dev] (DeepSpeed without prebuilt ops)"
     DS_BUILD_OPS=0 python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
     python -c "import argonne_ds, deepspeed" # fail loudly if the install did not work
