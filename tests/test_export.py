@@ -14,12 +14,7 @@ from argonne_ds.cli import main
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.convert.export import full_state, import_hf, resolve_checkpoint
 from argonne_ds.model import ArgonneModel
-from tests.train_helpers import MODEL, make_workspace, run, steps, train_cmd
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_workspace(tmp_path_factory.mktemp("export"))
+from tests.train_helpers import MODEL, run, steps, train_cmd
 
 
 @pytest.mark.distributed

@@ -12,7 +12,6 @@ import pytest
 
 from argonne_ds import checkpoint as ckpt
 from tests.train_helpers import (
-    make_workspace,
     read_metrics,
     run,
     run_until_step_then,
@@ -22,10 +21,6 @@ from tests.train_helpers import (
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_workspace(tmp_path_factory.mktemp("reliability"))
 
 
 @pytest.fixture(scope="module")

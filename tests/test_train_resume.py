@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 
 from argonne_ds import checkpoint as ckpt
-from tests.train_helpers import make_workspace, run, run_until_step_then, steps, train_cmd
+from tests.train_helpers import run, run_until_step_then, steps, train_cmd
 
 N, SAVE = 14, 4
 
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return make_workspace(tmp_path_factory.mktemp("train"))
 
 
 @pytest.mark.distributed
