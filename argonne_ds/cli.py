@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -281,12 +282,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="[%(name)s] %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    clean = True
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except (FileNotFoundError, PermissionError, ValueError, DataError) as e:
         # One line, even when pyarrow's or the OS's message spans several.
         print(f"argonne-ds {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        code, clean = 2, False
+    except BaseException:
+        if not _distributed():
+            raise
+        traceback.print_exc()
+        code, clean = 1, False
+    if _distributed():
+        from argonne_ds.engine import shutdown
+
+        shutdown(code, clean)
+    return code
+
+
+def _distributed() -> bool:
+    """Whether this process joined a process group (without importing torch for commands
+    that never do)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 if __name__ == "__main__":
