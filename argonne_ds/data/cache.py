@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,10 +110,12 @@ def _read_ahead(batches: Iterator[TextBatch]) -> Iterator[TextBatch]:
 
 def iter_encoded(shard: Shard, text_column: str, encoder: Encoder, start_row: int = 0,
                  read_ahead: bool = False, batch_rows: int | None = None,
+                 stop_row: int | None = None,
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
-    """(tokens, per-doc lengths, per-doc row numbers, rows read, skipped docs) batch by batch:
-    the one tokenization path shared by prepare and streaming mode."""
-    batches = iter_text_batches(shard, text_column, start_row=start_row, batch_rows=batch_rows)
+    """(tokens, per-doc lengths, per-doc row numbers, rows read, skipped docs) batch by batch,
+    rows [start_row, stop_row): the one tokenization path of prepare and streaming mode."""
+    batches = iter_text_batches(shard, text_column, start_row=start_row, batch_rows=batch_rows,
+                                stop_row=stop_row)
     for batch in _read_ahead(batches) if read_ahead else batches:
         if len(batch.texts):
             tokens, lengths = encoder.encode(batch.texts)
@@ -151,8 +154,9 @@ def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
             os.fsync(f.fileno())  # the data is on disk before the name says it is complete
         os.replace(tmp, tokens_dir / f"{key}.bin")
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        for leftover in [tmp, *tokens_dir.glob(f"{tmp.name}.part*")]:  # parts: a dead worker's
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
     _write_json_atomic(tokens_dir / f"{key}.json", asdict(entry))
     return entry
 
@@ -210,6 +214,9 @@ def prepare_cache(
                     _write_json_atomic(tokens_dir / f"{keys[i]}.json", asdict(entries[i]))
                 bar.update(shards[i].size)
             bar.close()
+            if sys.modules.get("argonne_ds.data.encode_worker"):
+                # The helpers hold ~250 MB each: not kept idle beside a training job.
+                sys.modules["argonne_ds.data.encode_worker"].close_servers()
         final = [e for e in entries if e is not None]
         elapsed = time.perf_counter() - t0
         new_tokens = sum(final[i].n_tokens for i in todo)

@@ -69,25 +69,57 @@ def _keep_mask(texts: pa.Array) -> pa.Array:
 BATCH_TEXT_BYTES = max(4, os.cpu_count() or 1) * 2**20
 
 
-def _rows_per_batch(meta: pq.FileMetaData, text_column: str) -> int:
-    """Rows that hold about BATCH_TEXT_BYTES of text, from the footer's uncompressed sizes."""
-    size = 0
+def _group_text_bytes(meta: pq.FileMetaData, text_column: str) -> list[int]:
+    """Uncompressed bytes of the text column in each row group, from the footer."""
+    sizes = []
     for i in range(meta.num_row_groups):
         group = meta.row_group(i)
-        size += next((group.column(j).total_uncompressed_size for j in range(group.num_columns)
-                      if group.column(j).path_in_schema == text_column), group.total_byte_size)
+        sizes.append(next((group.column(j).total_uncompressed_size
+                           for j in range(group.num_columns)
+                           if group.column(j).path_in_schema == text_column),
+                          group.total_byte_size))
+    return sizes
+
+
+def _rows_per_batch(meta: pq.FileMetaData, text_column: str) -> int:
+    """Rows that hold about BATCH_TEXT_BYTES of text."""
+    size = sum(_group_text_bytes(meta, text_column))
     return int(np.clip(BATCH_TEXT_BYTES * meta.num_rows // max(size, 1), 64, 2**17))
+
+
+def split_rows(shard: Shard, text_column: str, parts: int, min_bytes: int
+               ) -> list[tuple[int, int]]:
+    """At most `parts` consecutive row ranges [start, stop) covering the shard, with about the
+    same text each (from the footer; at least `min_bytes` each), cut at row-group boundaries
+    where the groups allow it."""
+    meta = open_shard(shard, text_column).metadata
+    sizes = _group_text_bytes(meta, text_column)
+    parts = int(max(1, min(parts, sum(sizes) // max(min_bytes, 1))))
+    # The rows at which each part's share of the bytes is reached, row groups taken as uniform.
+    cuts, row, seen = [0], 0, 0
+    for i, size in enumerate(sizes):
+        rows = meta.row_group(i).num_rows
+        while len(cuts) < parts and seen + size >= sum(sizes) * len(cuts) / parts:
+            frac = (sum(sizes) * len(cuts) / parts - seen) / max(size, 1)
+            cut = row + (round(frac) * rows if meta.num_row_groups >= parts else int(frac * rows))
+            if cut <= cuts[-1]:
+                break
+            cuts.append(cut)
+        row, seen = row + rows, seen + size
+    cuts.append(meta.num_rows)
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def iter_text_batches(
     shard: Shard, text_column: str, start_row: int = 0, batch_rows: int | None = None,
-    pf: pq.ParquetFile | None = None,
+    pf: pq.ParquetFile | None = None, stop_row: int | None = None,
 ) -> Iterator[TextBatch]:
-    """Documents from `start_row` on, in row order, a bounded batch at a time (`batch_rows`, by
-    default the rows of about BATCH_TEXT_BYTES of text)."""
+    """Documents of rows [start_row, stop_row) (default: to the end), in row order, a bounded
+    batch at a time (`batch_rows`, by default the rows of about BATCH_TEXT_BYTES of text)."""
     pf = pf or open_shard(shard, text_column)
     meta = pf.metadata
-    # Skip whole row groups before start_row without reading them (O(1) seek per row group).
+    stop_row = meta.num_rows if stop_row is None else min(stop_row, meta.num_rows)
+    # Skip whole row groups outside the rows without reading them (O(1) seek per row group).
     first_group, group_start = 0, 0
     while first_group < meta.num_row_groups:
         n = meta.row_group(first_group).num_rows
@@ -95,12 +127,18 @@ def iter_text_batches(
             break
         group_start += n
         first_group += 1
+    end_group, end_start = first_group, group_start
+    while end_group < meta.num_row_groups and end_start < stop_row:
+        end_start += meta.row_group(end_group).num_rows
+        end_group += 1
     row = group_start
     try:
         batches = pf.iter_batches(batch_size=batch_rows or _rows_per_batch(meta, text_column),
                                   columns=[text_column],
-                                  row_groups=range(first_group, meta.num_row_groups))
+                                  row_groups=range(first_group, end_group))
         for batch in batches:
+            if row >= stop_row:
+                break
             texts = batch.column(0)
             n_rows = len(texts)
             if row + n_rows <= start_row:
@@ -109,6 +147,9 @@ def iter_text_batches(
             if row < start_row:
                 texts = texts.slice(start_row - row)
                 row, n_rows = start_row, len(texts)
+            if row + n_rows > stop_row:
+                texts = texts.slice(0, stop_row - row)
+                n_rows = len(texts)
             if isinstance(texts, pa.ChunkedArray):
                 texts = texts.combine_chunks()
             if not pa.types.is_string(texts.type):

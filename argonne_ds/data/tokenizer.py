@@ -241,11 +241,11 @@ class GigatokenEncoder:
     """gigatoken (Rust): the same ids as `tokenizers`, 10-20x faster; reads arrow's buffers
     without making Python objects.
 
-    The backend loads on the first `encode` (~0.4 s): `prepare` tokenizes in a helper process
-    (`tokenize_shard`, encode_worker.py) and never loads it here. gigatoken 0.10.0's per-thread
-    pretoken caches grow with every new pretoken (upstream #36): the helper process bounds that
-    by recycling itself; in this process (streaming mode) the backend is rebuilt after
-    `reload_bytes` of text.
+    The backend loads on the first `encode` (~0.4 s): `prepare` tokenizes in helper processes
+    (`tokenize_shard`, encode_worker.py) and never loads it here. gigatoken 0.10.0's pretoken
+    caches grow with every new pretoken (upstream #36): the helpers bound that by replacing
+    their workers; in this process (streaming mode) the backend is rebuilt after `reload_bytes`
+    of text.
     """
 
     name = "gigatoken"
@@ -273,13 +273,17 @@ class GigatokenEncoder:
         """The gigatoken tokenizer, loaded now if not yet; None when it cannot take this
         tokenizer and there is a fallback."""
         if self._gt is None and not self._failed:
-            import gigatoken
-
             try:
-                self._gt = gigatoken.Tokenizer.from_json(Path(self.json_path).read_bytes())
+                self._gt = self.build()
             except Exception as e:  # noqa: BLE001 - it raises bare Exceptions on unknown models
-                self.unusable(f"{type(e).__name__}: {e}")
+                self.unusable(" ".join(f"{type(e).__name__}: {e}".split()))
         return self._gt
+
+    def build(self) -> Any:
+        """A fresh gigatoken tokenizer (raises whatever gigatoken raises)."""
+        import gigatoken
+
+        return gigatoken.Tokenizer.from_json(Path(self.json_path).read_bytes())
 
     def unusable(self, why: str) -> None:
         """gigatoken cannot take this tokenizer: fall back (auto) or say so (--encoder
