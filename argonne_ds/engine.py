@@ -280,10 +280,10 @@ class Engine:
         norm = self._fp32_norm if norm is None else norm
         return StepResult(loss, None if norm is None else float(norm), lr)
 
-    def set_step(self, step: int) -> None:
+    def set_step(self, step: int, samples: int | None = None) -> None:
         """Continue a run imported from elsewhere at `step`: counters and LR schedule."""
         self.engine.global_steps = step
-        self.engine.global_samples = step * self.global_batch_size
+        self.engine.global_samples = step * self.global_batch_size if samples is None else samples
         if self.scheduler is not None:
             self.scheduler.step(step)
 
@@ -355,6 +355,82 @@ class Engine:
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
                                     save_latest=False)
+
+    def load_portable(self, bundle: Any, fallback_step: int) -> int:
+        """Set every parameter this rank holds, fp32 master and Adam moments, from a layout-free
+        `bundle` (reshard.Bundle: plain names -> full tensors), then the working weights the
+        forward uses; read the masters back and require them equal. Returns Adam's step."""
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
+
+        named = [(self._plain_name(n), p) for n, p in self.module.named_parameters()]
+        names = [n for n, _ in named]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, names)  # pipeline stages each hold a share
+        bundle.check_names({n for share in gathered for n in share})
+        opt = self.engine.optimizer
+        step = bundle.adam_step(names[0], fallback_step) if names else fallback_step
+        self._create_adam_state(step)
+        partitioned = any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named)
+        for name, p in named:
+            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+            state = dict(bundle.states(name, shape))
+            if partitioned:
+                safe_set_full_fp32_param(p, state["fp32"].to(self.device))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, state[key].to(self.device), key)
+                if hasattr(p, "ds_id") and p.data.numel() == p.ds_numel:
+                    p.data.copy_(state["fp32"].to(p.dtype))  # held whole now (persistent)
+            else:  # fp32 without ZeRO: the torch optimizer updates the parameters themselves
+                with torch.no_grad():
+                    p.copy_(state["fp32"])
+                base = getattr(opt, "optimizer", opt)
+                base.state[p].update({k: state[k].to(p.device).clone()
+                                      for k in ("exp_avg", "exp_avg_sq")})
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: masters -> working partitions
+            for i in range(len(opt.fp16_groups)):
+                opt._reassign_or_swap_out_partitioned_parameters(i)
+        elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: masters -> working weights
+            opt.update_lp_params()
+        for name, p in named:  # every rank the same calls in the same order (collectives)
+            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+            got = safe_get_full_fp32_param(p) if partitioned else p.detach()
+            want = bundle.tensor(name, "fp32", shape)
+            if not torch.equal(got.reshape(shape).float().cpu(), want):
+                raise RuntimeError(f"{name}: the fp32 master read back differs from the "
+                                   "checkpoint after loading it")
+        return step
+
+    def _plain_name(self, name: str) -> str:
+        if self.mode == "pipeline":
+            from argonne_ds.model.pipe import pipe_to_plain_key
+
+            return pipe_to_plain_key(name, self.model_config.num_hidden_layers)
+        return name
+
+    def _create_adam_state(self, step: int) -> None:
+        """torch's Adam creates its state at the first step; the moments are set into it, so
+        create it now (zeros) and set its step count; ZeRO-1/2 and bf16 link their per-parameter
+        views of it (which they otherwise do after their first step)."""
+        opt = self.engine.optimizer
+        base = getattr(opt, "optimizer", opt)
+        flats = next((list(getattr(opt, a)) for a in (
+            "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+            "fp32_groups_flat_partition") if hasattr(opt, a)), None)
+        if flats is None:  # no ZeRO: one state per parameter
+            flats = [p for g in base.param_groups for p in g["params"]]
+        for flat in flats:
+            state = base.state[flat]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in state:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state["step"] = torch.tensor(float(step))
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
 
     def load(self, directory: str | Path, tag: str) -> dict[str, Any]:
         path, state = self.engine.load_checkpoint(str(directory), tag=tag)

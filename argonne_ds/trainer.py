@@ -317,7 +317,9 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
     if cfg.checkpoint_path and not candidates:
         raise ConfigError(f"--checkpoint-path {cfg.checkpoint_path}: no complete checkpoint there")
     for tag in candidates:
-        _check_compatible(directory / tag, engine, model_config)
+        info = _check_compatible(directory / tag, engine, model_config)
+        if (info.get("mode"), info.get("world_size")) != (engine.mode, engine.world_size):
+            return _resume_resharded(directory / tag, info, engine, data, cfg)
         try:
             client, ok = engine.load(directory, tag), 1.0
         except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: fall back to the previous
@@ -357,7 +359,7 @@ def _carry_import(folder: str, engine: Engine, state: TrainState, rank0: bool) -
     return TrainState(step, int(meta.get("tokens") or 0), state.run_id)
 
 
-def _check_compatible(path: Path, engine: Engine, model_config: ArgonneConfig) -> None:
+def _check_compatible(path: Path, engine: Engine, model_config: ArgonneConfig) -> dict:
     marker = path / ckpt.MARKER
     if not marker.is_file():
         raise ConfigError(f"{path} is not a complete argonne-ds checkpoint (no {ckpt.MARKER})")
@@ -368,12 +370,43 @@ def _check_compatible(path: Path, engine: Engine, model_config: ArgonneConfig) -
         diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
         raise ConfigError(f"checkpoint {path} holds a different model ({diff}, saved vs now); "
                           "pass the --model it was trained with, or a new --output-dir")
-    layout = {"mode": engine.mode, "world_size": engine.world_size}
-    if {k: info.get(k) for k in layout} != layout:
-        raise ConfigError(f"checkpoint {path} was written by {info.get('mode')} on "
-                          f"{info.get('world_size')} ranks, this job is {engine.mode} on "
-                          f"{engine.world_size}; resume with the same DeepSpeed config and rank "
-                          "count")
+    return info
+
+
+def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableShardIterator,
+                      cfg: TrainConfig) -> TrainState:
+    """The checkpoint was written under another layout (pipeline <-> ZeRO-3, other rank counts):
+    carry weights, Adam moments, step, LR schedule and data position (reshard.py)."""
+    from argonne_ds import reshard
+
+    rank0 = engine.global_rank == 0
+    _say(rank0, f"[train] {path} was written by {info.get('mode')} on {info.get('world_size')} "
+         f"ranks; this job is {engine.mode} on {engine.world_size}: converting it")
+    error = [None]
+    if rank0:
+        try:
+            reshard.to_universal(reshard.read_source(path, info))
+        except reshard.ReshardError as e:
+            error[0] = str(e)
+    dist.broadcast_object_list(error, src=0)  # every rank fails alike, or none
+    if error[0]:
+        raise ConfigError(error[0])
+    source = reshard.read_source(path, info)
+    client = source.client
+    bundle = reshard.Bundle(path / reshard.UNIVERSAL, source.mode,
+                            engine.model_config.num_hidden_layers)
+    adam_step = engine.load_portable(bundle, fallback_step=int(client["global_steps"]))
+    engine.set_step(int(client["step"]), samples=client.get("global_samples"))
+    data.set_batch_size(engine.global_batch_size, engine.micro_batch_size)
+    data.load_state_dict(client["data"], allow_shard_change=cfg.data.allow_shard_change)
+    if client["data"].get("global_batch_size") != engine.global_batch_size:
+        logger.warning("the global batch changes from %s to %d samples with the new layout; "
+                       "data continues at sample %d", client["data"].get("global_batch_size"),
+                       engine.global_batch_size, data.samples)
+    _say(rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
+         f"{client['tokens']:,} tokens, data sample {data.samples:,}; weights, Adam moments "
+         f"(step {adam_step}) and LR schedule carried")
+    return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
 
 
 _ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
