@@ -193,8 +193,9 @@ def _import_original(args: argparse.Namespace) -> int:
     out = import_original(args.checkpoint, args.out, model=args.model, dtype=args.dtype)
     meta = json.loads((out / "argonne_import.json").read_text())
     print(f"[import] {args.checkpoint} -> {out}: step {meta['step']}, {meta['tokens']:,} tokens; "
-          f"continue with: argonne-ds train --from-hf {out} ... (copy the tokenizer files in, "
-          "or pass --tokenizer-path)")
+          f"data position {meta.get('data_position')}; continue with: argonne-ds train "
+          f"--from-hf {out} --tokenizer-path TOKENIZER --cache-dir ... on the same shards (the "
+          "position is translated at the start)")
     return 0
 
 

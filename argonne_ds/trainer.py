@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> int:
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        cfg.peak_tflops)
     if cfg.from_hf and state.step == 0:
-        state = _carry_import(cfg.from_hf, engine, state, rank0)
+        state = _carry_import(cfg, engine, data, tok, state, rank0)
     _say(rank0, f"[train] {engine.mode} on {world} ranks (data-parallel {engine.dp_world}), "
          f"global batch {engine.global_batch_size} x {cfg.data.block_size} tokens, steps "
          f"{state.step} -> {max_steps}, output {out}")
@@ -342,9 +342,12 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
     return TrainState()
 
 
-def _carry_import(folder: str, engine: Engine, state: TrainState, rank0: bool) -> TrainState:
+def _carry_import(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator, tok: Any,
+                  state: TrainState, rank0: bool) -> TrainState:
     """Weights came from an HF folder; an imported original checkpoint also carries its step
-    and tokens, so the LR schedule continues where it stopped."""
+    and tokens, so the LR schedule continues where it stopped, and its data position where this
+    shard list is the one it read."""
+    folder = cfg.from_hf
     meta_path = Path(folder) / "argonne_import.json"
     _say(rank0, f"[train] starting from the weights of {folder}")
     if not meta_path.is_file():
@@ -354,9 +357,31 @@ def _carry_import(folder: str, engine: Engine, state: TrainState, rank0: bool) -
     engine.set_step(step)
     _say(rank0, f"[train] imported from {meta.get('source')}: step {step}, "
          f"{meta.get('tokens', 0):,} tokens; LR schedule continues at step {step}; optimizer "
-         "moments restart; data position restarts (the original's chunking does not map onto "
-         "these blocks)")
+         "moments restart (the original's are keyed by parameter index, not name)")
+    samples, how = _translate_import_position(meta.get("data_position"), cfg, data, tok)
+    if samples is None:
+        if rank0:
+            logger.warning("data position of the original NOT carried: %s; training starts at "
+                           "the first block of the data", how)
+    else:
+        data.seek(samples)
+        _say(rank0, f"[train] data position of the original translated: {how}")
     return TrainState(step, int(meta.get("tokens") or 0), state.run_id)
+
+
+def _translate_import_position(pos: Any, cfg: TrainConfig, data: ResumableShardIterator,
+                               tok: Any) -> tuple[int | None, str]:
+    from argonne_ds.convert.original import translate_position
+    from argonne_ds.data.discovery import discover_shards
+    from argonne_ds.data.tokenizer import make_encoder
+
+    if data.source.mode != "cache":
+        return None, "streaming mode (no --cache-dir) cannot seek to it"
+    if cfg.data.shuffle_window > 1:
+        return None, "--shuffle-window reorders the blocks, so no sample index matches it"
+    return translate_position(pos, data.source.index.entries, discover_shards(cfg.data.data_glob),
+                              cfg.data.text_column, make_encoder(tok, cfg.data.encoder),
+                              cfg.data.block_size, data.source.n_epoch)
 
 
 def _check_compatible(path: Path, engine: Engine, model_config: ArgonneConfig) -> dict:

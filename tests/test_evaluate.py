@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from argonne_ds.cli import main
@@ -35,7 +36,8 @@ def test_eval_covers_every_block_once(tmp_path: Path, capsys) -> None:
                           data.cache_dir)
     store = TokenStore(index.token_paths())
     n = (len(store) - 1) // 16
-    blocks = torch.tensor([store.read(b * 16, b * 16 + 17).astype("int64") for b in range(n)])
+    blocks = torch.from_numpy(np.stack([store.read(b * 16, b * 16 + 17).astype("int64")
+                                        for b in range(n)]))
     with torch.no_grad():
         ref = model(blocks[:, :-1], labels=blocks[:, 1:]).loss.item()
     assert result["blocks"] == n and n % 7  # the last batch was partial

@@ -1,6 +1,7 @@
 """`argonne-ds import-original`: an original Argonne 2.0 training checkpoint (a torch pickle) ->
 a Hugging Face folder plus `argonne_import.json`, from which `argonne-ds train --from-hf` continues
-(weights exact, step and LR schedule carried).
+(weights exact, step and LR schedule carried, the data position translated onto this package's
+blocks when the shard list is the one the original read: `translate_position`).
 
 The original saved {model_state_dict (maybe with torch.compile's `_orig_mod.` prefix, maybe bf16
 with a `model_dtype` key), optimizer_state_dict, scheduler_state_dict {"step"}, global_step,
@@ -46,13 +47,21 @@ def read_original(path: str | Path) -> dict[str, Any]:
 
 def original_state(blob: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
     """Plain Argonne names, fp32: the compile prefix stripped, Argonne 1.x refused."""
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v
-             for k, v in blob["model_state_dict"].items()}
+    state = {_plain_key(k): v for k, v in blob["model_state_dict"].items()}
     if any(m in k for k in state for m in GPT2_MARKERS):
         raise ImportError_(
             f"{source} is an Argonne 1.x checkpoint (GPT-2 style: LayerNorm, learned position "
             "embeddings); argonne-ds trains Argonne 2.0 and cannot convert it")
     return {k: v.float() for k, v in state.items()}
+
+
+def _plain_key(key: str) -> str:
+    """Drop the wrappers' name parts: torch.compile's `_orig_mod.`, DDP's `module.`, FSDP's and
+    activation checkpointing's (a full state dict saved from inside the wrappers keeps them)."""
+    key = key.removeprefix("_orig_mod.").removeprefix("module.")
+    for part in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        key = key.replace(part, "")
+    return key
 
 
 def check_shapes(state: dict[str, torch.Tensor], config: ArgonneConfig, source: str) -> None:
@@ -92,3 +101,58 @@ def import_original(checkpoint: str | Path, out: str | Path, model: str = "argon
                        "parameter index in the original's order); AdamW restarts its moments "
                        "at step %d", step)
     return out
+
+
+def translate_position(pos: Any, entries: list, shards: list, text_column: str, encoder: Any,
+                       block_size: int, n_epoch: int) -> tuple[int | None, str]:
+    """The original's data position as a sample index of this cache's blocks: (samples, how) or
+    (None, why not).
+
+    The original streamed shards in natural order, document by document (`position_in_file`
+    counts rows, blank ones included), cut each document into chunks of `block_size` tokens and
+    saved the position of the chunk last trained on (`chunk_offset`: its index in the document;
+    its own resume replayed that chunk). Here documents are packed into one stream, each followed
+    by the separator, so the tokens it consumed end at: the tokens of the shards before, of the
+    rows before, and of chunks 0..chunk_offset of the current document. Training continues at the
+    first block that starts there or later: nothing is repeated, and less than one block of the
+    current document is passed over. Only in the natural order (--shuffle-window 0) and only
+    when the shards it read (`files_processed`) are the first ones of this list.
+    """
+    from argonne_ds.data.cache import iter_encoded
+
+    if not isinstance(pos, dict) or "current_file_idx" not in pos:
+        return None, "the checkpoint holds no data_position"
+    if not pos.get("streaming", True):
+        return None, ("the original ran in its non-streaming mode (an in-memory shuffle), whose "
+                      "order does not map onto these blocks")
+    idx, row = int(pos["current_file_idx"]), int(pos.get("position_in_file") or 0)
+    chunk = int(pos.get("chunk_offset") or 0)
+    names = [e.name for e in entries]
+    done = pos.get("files_processed")
+    if not isinstance(done, (list, tuple, set)) or not done:
+        return None, ("its data_position does not name the shards it read (files_processed), so "
+                      "they cannot be matched with this shard list")
+    if not 0 <= idx < len(names):
+        return None, (f"it was reading shard #{idx + 1}, and this shard list has "
+                      f"{len(names)}")
+    if names[idx] not in done or set(done) - set(names[:idx + 1]):
+        return None, (f"it read {', '.join(sorted(done)[:4])}{' ...' if len(done) > 4 else ''} "
+                      f"up to shard #{idx + 1}, which does not match this list's first "
+                      f"{idx + 1}: {', '.join(names[:min(idx + 1, 4)])}"
+                      f"{' ...' if idx + 1 > 4 else ''}")
+    if entries[idx].status != "ok":
+        return None, f"its current shard {names[idx]} is skipped here as bad"
+    consumed = sum(e.n_tokens for e in entries[:idx] if e.status == "ok")
+    doc_len, rows_seen = 0, 0
+    for _tokens, lengths, doc_rows, n_rows, _ in iter_encoded(shards[idx], text_column, encoder,
+                                                               stop_row=row + 1):
+        consumed += int(lengths[doc_rows < row].sum())
+        doc_len += int(lengths[doc_rows == row].sum())
+        rows_seen += n_rows
+    if rows_seen <= row:
+        return None, f"{names[idx]} has {rows_seen:,} rows here, the original was at row {row:,}"
+    consumed += min((chunk + 1) * block_size, doc_len)
+    epoch = int(pos.get("epoch") or 0)
+    samples = -(-consumed // block_size) + epoch * n_epoch
+    return samples, (f"shard {names[idx]} row {row:,} chunk {chunk} -> token {consumed:,} of "
+                     f"the stream -> sample {samples:,}")

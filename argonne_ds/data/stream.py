@@ -55,6 +55,7 @@ class CachedBlocks:
     mode = "cache"
 
     def __init__(self, index: CacheIndex, block_size: int, seed: int, shuffle_window: int) -> None:
+        self.index = index
         self.store = TokenStore(index.token_paths())
         self.T = block_size
         self.n_epoch = (len(self.store) - 1) // block_size
@@ -295,6 +296,12 @@ class ResumableShardIterator:
             "fingerprint": self.fingerprint, "source": self.source.state_dict(self.samples),
             "epoch": self.epoch,
         }
+
+    def seek(self, samples: int) -> None:
+        """Continue at global sample `samples` (cache mode: any sample is O(1) away)."""
+        if self.source.mode != "cache" or self.micro:
+            raise RuntimeError("seek needs the token cache and a global-batch boundary")
+        self.samples = samples
 
     def load_state_dict(self, state: dict[str, Any], allow_shard_change: bool = False) -> None:
         if state.get("version") != STATE_VERSION:
