@@ -1,10 +1,12 @@
 """Resume across the JSON swap: a checkpoint written under pipeline (2 stages) resumes under ZeRO-3
 (2 ranks) and back, with weights, Adam moments, step, LR schedule and data position carried: the
 resumed run's losses equal those of the run that never changed layout (CPU, fp32, 2 ranks, through
-the deepspeed launcher)."""
+the deepspeed launcher). Also ZeRO-3 -> plain data parallel without ZeRO, where the torch optimizer
+holds the moments itself."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,12 +15,22 @@ import pytest
 import torch
 
 from argonne_ds import reshard
-from tests.train_helpers import run, steps, train_cmd
+from tests.train_helpers import ROOT, run, steps, train_cmd
 
 N, SAVE = 8, 4
 # The same global batch in both layouts (8 samples): pipeline 2 stages = 1 data-parallel rank x
 # micro 4 x accumulation 2; ZeRO-3 = 2 data-parallel ranks x micro 4 x accumulation 1.
-ACCUM = {"cpu_pipeline.json": "2", "cpu_zero3.json": "1"}
+ACCUM = {"cpu_pipeline.json": "2", "cpu_zero3.json": "1", "dp_stage0.json": "1"}
+
+
+def config_path(name: str, folder: Path) -> str:
+    """ds_configs/NAME, or dp_stage0.json: plain data parallel without ZeRO (written here)."""
+    if name != "dp_stage0.json":
+        return name
+    config = json.loads((ROOT / "ds_configs" / "cpu_zero3.json").read_text())
+    config["zero_optimization"] = {"stage": 0}
+    (folder / name).write_text(json.dumps(config))
+    return str(folder / name)
 
 
 def args(ds_config: str, max_steps: int = N, save: int = SAVE) -> tuple[str, ...]:
@@ -29,13 +41,15 @@ def args(ds_config: str, max_steps: int = N, save: int = SAVE) -> tuple[str, ...
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(("src", "dst"), [("cpu_pipeline.json", "cpu_zero3.json"),
-                                          ("cpu_zero3.json", "cpu_pipeline.json")])
+                                          ("cpu_zero3.json", "cpu_pipeline.json"),
+                                          ("cpu_zero3.json", "dp_stage0.json")])
 def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    run(train_cmd(ws, src, a, *args(src)))  # the reference: never changes layout
+    src_json, dst_json = config_path(src, tmp_path), config_path(dst, tmp_path)
+    run(train_cmd(ws, src_json, a, *args(src)))  # the reference: never changes layout
     shutil.copytree(a / "checkpoints" / f"global_step{SAVE}",
                     b / "checkpoints" / f"global_step{SAVE}")
-    out = run(train_cmd(ws, dst, b, *args(dst))).stdout
+    out = run(train_cmd(ws, dst_json, b, *args(dst))).stdout
     assert f"global_step{SAVE} across layouts: step {SAVE}" in out, out
     assert f"Adam moments (step {SAVE})" in out
     assert (b / "checkpoints" / f"global_step{SAVE}" / reshard.UNIVERSAL / reshard.DONE).is_file()
@@ -49,7 +63,7 @@ def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str) 
             step, sa[step]["loss"], sb[step]["loss"])
     assert sa[N]["loss"] < sa[1]["loss"]
     # The resumed run's own checkpoint is native to its layout: a plain resume continues it.
-    run(train_cmd(ws, dst, b, *args(dst, max_steps=N + 2, save=2)))
+    run(train_cmd(ws, dst_json, b, *args(dst, max_steps=N + 2, save=2)))
     assert sorted(steps(b)) == list(range(SAVE + 1, N + 3))
 
 
