@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from argonne_ds.model.pipe import pipe_to_plain_key, plain_to_pipe_key
 logger = logging.getLogger(__name__)
 UNIVERSAL = "universal"
 DONE = "argonne_universal.json"
+FAILED = "universal.error"
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -61,14 +63,34 @@ def read_source(path: Path, info: dict[str, Any]) -> Source:
     files = sorted(path.glob("*mp_rank_00_model_states.pt"))
     if not files:
         raise ReshardError(f"{path}: no *mp_rank_00_model_states.pt; not a DeepSpeed checkpoint")
-    blob = torch.load(files[0], map_location="cpu", weights_only=False)
+    # mmap: a data-parallel checkpoint holds the whole model here; only the small keys are read.
+    blob = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     client = {k: v for k, v in blob.items() if k not in ("module", "optimizer")}
     return Source(path, str(info.get("mode")), int(info.get("world_size") or 0), client)
 
 
-def to_universal(source: Source, timeout_s: float = 3600) -> Path:
-    """Convert the source checkpoint with DeepSpeed's ds_to_universal (rank 0 calls this; the
-    others wait at a barrier). Reused when an earlier resume already converted it."""
+def convert_once(source: Source, rank0: bool, timeout_s: float = 3 * 3600) -> str | None:
+    """Rank 0 converts; the others wait for its result on the filesystem rather than in a
+    collective (a large model's conversion outlasts the process group's timeout). Returns the
+    error message, the same on every rank, or None."""
+    failed = source.path / FAILED
+    if rank0:
+        failed.unlink(missing_ok=True)
+        try:
+            to_universal(source, timeout_s)
+        except ReshardError as e:
+            failed.write_text(str(e))
+    deadline = time.monotonic() + timeout_s + 60
+    while not rank0 and not (source.path / UNIVERSAL / DONE).is_file() and not failed.is_file():
+        if time.monotonic() > deadline:
+            return f"{source.path}: rank 0 did not finish converting it in {timeout_s:.0f} s"
+        time.sleep(1.0)
+    return failed.read_text() if failed.is_file() else None
+
+
+def to_universal(source: Source, timeout_s: float = 3 * 3600) -> Path:
+    """Convert the source checkpoint with DeepSpeed's ds_to_universal, once: reused when an
+    earlier resume already converted it."""
     out = source.path / UNIVERSAL
     if (out / DONE).is_file():
         return out
@@ -129,8 +151,9 @@ class Bundle:
                                f"{sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}")
 
     def tensor(self, plain: str, key: str, shape: torch.Size) -> torch.Tensor:
+        # mmap: the ranks of a node share the page cache instead of a copy each.
         blob = torch.load(self.zero / self.names[plain] / f"{key}.pt", map_location="cpu",
-                          weights_only=False)
+                          weights_only=False, mmap=True)
         t = blob["param"] if isinstance(blob, dict) else blob
         if t.numel() != shape.numel():
             raise ReshardError(f"{plain}: {key} has {t.numel()} values in the checkpoint, the "

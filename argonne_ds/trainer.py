@@ -407,16 +407,10 @@ def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableSha
     rank0 = engine.global_rank == 0
     _say(rank0, f"[train] {path} was written by {info.get('mode')} on {info.get('world_size')} "
          f"ranks; this job is {engine.mode} on {engine.world_size}: converting it")
-    error = [None]
-    if rank0:
-        try:
-            reshard.to_universal(reshard.read_source(path, info))
-        except reshard.ReshardError as e:
-            error[0] = str(e)
-    dist.broadcast_object_list(error, src=0)  # every rank fails alike, or none
-    if error[0]:
-        raise ConfigError(error[0])
     source = reshard.read_source(path, info)
+    error = reshard.convert_once(source, rank0)
+    if error:  # every rank alike
+        raise ConfigError(error)
     client = source.client
     bundle = reshard.Bundle(path / reshard.UNIVERSAL, source.mode,
                             engine.model_config.num_hidden_layers)

@@ -72,6 +72,11 @@ def test_zero_stage_0_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> Non
     ckpt.mkdir()
     torch.save({"module": {}, "global_steps": 4}, ckpt / "mp_rank_00_model_states.pt")
     source = reshard.read_source(ckpt, {"mode": "pipeline", "world_size": 2})
+    assert source.client["global_steps"] == 4 and "module" not in source.client
     with pytest.raises(reshard.ReshardError, match="ZeRO stage 0.*config it was written with"):
         reshard.to_universal(source)
+    # Through convert_once: rank 0 records the reason, another rank reads the same one.
+    error = reshard.convert_once(source, rank0=True)
+    assert error and "ZeRO stage 0" in error
+    assert reshard.convert_once(source, rank0=False, timeout_s=5) == error
     assert not (ckpt / reshard.UNIVERSAL).exists()
