@@ -244,6 +244,13 @@ class Engine:
     def global_batch_size(self) -> int:
         return self.engine.train_batch_size()
 
+    def layout(self) -> dict[str, Any]:
+        """What a native DeepSpeed checkpoint is bound to: a checkpoint written under another
+        layout is converted on resume (reshard.py)."""
+        return {"mode": self.mode, "world_size": self.world_size,
+                "pipeline_stages": int((self.ds_config.get("pipeline") or {}).get("stages", 0)),
+                "zero_stage": int(self.engine.zero_optimization_stage())}
+
     @property
     def global_steps(self) -> int:
         return self.engine.global_steps

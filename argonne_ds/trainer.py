@@ -318,7 +318,8 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
         raise ConfigError(f"--checkpoint-path {cfg.checkpoint_path}: no complete checkpoint there")
     for tag in candidates:
         info = _check_compatible(directory / tag, engine, model_config)
-        if (info.get("mode"), info.get("world_size")) != (engine.mode, engine.world_size):
+        saved = {k: info.get(k) for k in engine.layout()}
+        if any(v != engine.layout()[k] for k, v in saved.items() if v is not None):
             return _resume_resharded(directory / tag, info, engine, data, cfg)
         try:
             client, ok = engine.load(directory, tag), 1.0
@@ -405,8 +406,10 @@ def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableSha
     from argonne_ds import reshard
 
     rank0 = engine.global_rank == 0
-    _say(rank0, f"[train] {path} was written by {info.get('mode')} on {info.get('world_size')} "
-         f"ranks; this job is {engine.mode} on {engine.world_size}: converting it")
+    now = engine.layout()
+    was = ", ".join(f"{k} {info.get(k)}" for k in now if info.get(k) is not None)
+    _say(rank0, f"[train] {path} was written with {was}; this job has "
+         f"{', '.join(f'{k} {v}' for k, v in now.items())}: converting it")
     source = reshard.read_source(path, info)
     error = reshard.convert_once(source, rank0)
     if error:  # every rank alike
@@ -444,8 +447,8 @@ def _save(engine: Engine, directory: Path, state: TrainState, data: ResumableSha
     dist.barrier()  # every rank's files are on disk before the marker says "complete"
     if engine.global_rank == 0:
         ckpt.write_marker(directory, tag, {
-            "step": state.step, "model": model_config.to_dict(), "mode": engine.mode,
-            "world_size": engine.world_size, "tokenizer_path": os.path.abspath(tok.path),
+            "step": state.step, "model": model_config.to_dict(), **engine.layout(),
+            "tokenizer_path": os.path.abspath(tok.path),
             "separator_id": tok.separator_id})
         dropped = ckpt.rotate(directory, cfg.checkpoint_keep)
         print(f"[checkpoint] saved {directory}/{tag}" +
