@@ -106,7 +106,7 @@ def build_data_iterator(
     else:
         source = StreamedBlocks(usable_shards(cfg, shards), cfg.text_column,
                                 make_encoder(tok, cfg.encoder), cfg.block_size, cfg.seed,
-                                cfg.shuffle_window)
+                                cfg.shuffle_window, skip_bad=cfg.on_bad_shard == "skip")
     fingerprint = {
         "shards": shard_list_fingerprint(shards), "tokenizer": tok.fingerprint,
         "separator": tok.separator_id, "text_column": cfg.text_column,

@@ -110,6 +110,13 @@ def split_rows(shard: Shard, text_column: str, parts: int, min_bytes: int
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
+def verify_pages(shard: Shard, text_column: str) -> None:
+    """Read (decompress, decode) every page of the text column and discard it: raises the
+    DataError that reading the shard in order would raise, before anything is used."""
+    for _ in iter_text_batches(shard, text_column):
+        pass
+
+
 def iter_text_batches(
     shard: Shard, text_column: str, start_row: int = 0, batch_rows: int | None = None,
     pf: pq.ParquetFile | None = None, stop_row: int | None = None,
