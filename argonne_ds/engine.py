@@ -105,6 +105,23 @@ def shutdown(code: int, clean: bool = True) -> NoReturn:
     os._exit(code)
 
 
+def adam_step_value(optimizer: Any, old: Any, step: int) -> Any:
+    """Adam's step count in the form this optimizer keeps it: torch's Adam/AdamW a float32
+    tensor (on the device when fused or capturable), DeepSpeed's FusedAdam (GPU) and CPU Adam a
+    Python int, which they pass to their kernels (a wrong form, or a step of 0, would restart
+    the bias correction)."""
+    if torch.is_tensor(old):
+        return torch.full_like(old, float(step))
+    if old is not None:
+        return int(step)
+    if type(optimizer).__module__.startswith("torch.optim"):
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]
+                       if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")),
+                      torch.device("cpu"))
+        return torch.tensor(float(step), dtype=torch.float32, device=device)
+    return int(step)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: none on norms and embeddings (the origin decayed both)."""
     no_decay: set[int] = set()
@@ -434,7 +451,7 @@ class Engine:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key not in state:
                     state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            state["step"] = torch.tensor(float(step))
+            state["step"] = adam_step_value(base, state.get("step"), step)
         if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()

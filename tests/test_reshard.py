@@ -80,3 +80,23 @@ def test_zero_stage_0_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> Non
     assert error and "ZeRO stage 0" in error
     assert reshard.convert_once(source, rank0=False, timeout_s=5) == error
     assert not (ckpt / reshard.UNIVERSAL).exists()
+
+
+def test_adam_step_keeps_each_optimizers_form() -> None:
+    from argonne_ds.engine import adam_step_value
+
+    p = torch.nn.Parameter(torch.ones(3))
+    adamw = torch.optim.AdamW([p], lr=0.1)
+    fresh = adam_step_value(adamw, None, 4)  # torch creates its state lazily
+    assert torch.is_tensor(fresh) and fresh.dtype == torch.float32 and float(fresh) == 4
+    adamw.state[p].update(step=fresh, exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3))
+    p.grad = torch.ones(3)
+    adamw.step()  # torch accepts the state as created, and counts on from it
+    assert float(adamw.state[p]["step"]) == 5
+    assert adam_step_value(adamw, torch.tensor(1.0, dtype=torch.float64), 7).dtype == torch.float64
+
+    class KernelAdam(torch.optim.Optimizer):  # like DeepSpeed's FusedAdam / CPU Adam: int steps
+        pass
+
+    kernel = KernelAdam([torch.nn.Parameter(torch.ones(1))], {})
+    assert adam_step_value(kernel, None, 4) == 4 and isinstance(adam_step_value(kernel, 1, 4), int)
