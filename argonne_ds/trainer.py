@@ -411,6 +411,7 @@ def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableSha
     _say(rank0, f"[train] {path} was written with {was}; this job has "
          f"{', '.join(f'{k} {v}' for k, v in now.items())}: converting it")
     source = reshard.read_source(path, info)
+    t0 = time.perf_counter()
     error = reshard.convert_once(source, rank0)
     if error:  # every rank alike
         raise ConfigError(error)
@@ -418,6 +419,7 @@ def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableSha
     bundle = reshard.Bundle(path / reshard.UNIVERSAL, source.mode,
                             engine.model_config.num_hidden_layers)
     adam_step = engine.load_portable(bundle, fallback_step=int(client["global_steps"]))
+    took = format_duration(time.perf_counter() - t0)
     engine.set_step(int(client["step"]), samples=client.get("global_samples"))
     data.set_batch_size(engine.global_batch_size, engine.micro_batch_size)
     data.load_state_dict(client["data"], allow_shard_change=cfg.data.allow_shard_change)
@@ -427,7 +429,7 @@ def _resume_resharded(path: Path, info: dict, engine: Engine, data: ResumableSha
                        engine.global_batch_size, data.samples)
     _say(rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
          f"{client['tokens']:,} tokens, data sample {data.samples:,}; weights, Adam moments "
-         f"(step {adam_step}) and LR schedule carried")
+         f"(step {adam_step}) and LR schedule carried (converted and loaded in {took})")
     return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
 
 
