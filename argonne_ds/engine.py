@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,7 +68,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         # Only inference all-reduce uses it, and building it costs ~20 s per cold machine.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if "RANK" not in os.environ:  # plain `python` without a launcher: one process
-        port = os.environ.get("MASTER_PORT") or str(_free_port())  # two such jobs can coexist
+        from argonne_ds.testing import free_port
+
+        port = os.environ.get("MASTER_PORT") or str(free_port())  # two such jobs can coexist
         for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                              ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
             os.environ.setdefault(var, default)
@@ -77,12 +78,6 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shutdown(code: int, clean: bool = True) -> NoReturn:
@@ -137,9 +132,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def zero3_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a ZeRO-3 checkpoint of any rank count, offline (zero_to_fp32)."""
-    import contextlib
-    import sys
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results

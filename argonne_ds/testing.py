@@ -406,16 +406,11 @@ def _worker(
 
     try:
         if initialized:
-            import torch.distributed as dist
+            from argonne_ds.engine import shutdown  # deepspeed is imported by now
 
-            # Best effort: the barrier keeps a fast rank from tearing down gloo while a peer is
-            # still mid-collective (the source of the exit-time aborts). After an error the
-            # peers may never arrive, and the parent kills everyone anyway, so skip it then.
-            if ok:
-                with contextlib.suppress(Exception):
-                    dist.barrier()
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            # Barrier (only after success: after an error the peers may never arrive, and the
+            # parent kills everyone anyway), destroy the group, flush, os._exit.
+            shutdown(0 if ok else 1, clean=ok)
     finally:
         # os._exit skips atexit handlers and interpreter teardown (where gloo's threads abort)
         # and also Python's own flush of the standard streams, so flush them here.
