@@ -391,9 +391,11 @@ class Engine:
         step = bundle.adam_step(names[0], fallback_step) if names else fallback_step
         self._create_adam_state(step)
         partitioned = any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named)
+        masters: dict[str, torch.Tensor] = {}  # memory-mapped: kept for the read-back check
         for name, p in named:
             shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
             state = dict(bundle.states(name, shape))
+            masters[name] = state["fp32"]
             if partitioned:
                 safe_set_full_fp32_param(p, state["fp32"].to(self.device))
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -414,8 +416,7 @@ class Engine:
         for name, p in named:  # every rank the same calls in the same order (collectives)
             shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
             got = safe_get_full_fp32_param(p) if partitioned else p.detach()
-            want = bundle.tensor(name, "fp32", shape)
-            if not torch.equal(got.reshape(shape).float().cpu(), want):
+            if not torch.equal(got.reshape(shape).float().cpu(), masters[name]):
                 raise RuntimeError(f"{name}: the fp32 master read back differs from the "
                                    "checkpoint after loading it")
         return step
