@@ -132,8 +132,9 @@ class Bundle:
         self.pipe_names = source_mode == "pipeline"
         names = sorted(p.name for p in self.zero.iterdir() if p.is_dir())
         self.names = {self._plain(n): n for n in names}
+        # mmap: from a ZeRO-3 source it also holds rank 0's flat partitions; only the step is read.
         common = torch.load(self.zero / "optimizer_state.pt", map_location="cpu",
-                            weights_only=False)
+                            weights_only=False, mmap=True)
         state = (common.get("optimizer_state_dict") or {}).get("state") or {}
         first = next(iter(state.values()), {})
         self._common_step = first.get("step") if isinstance(first, dict) else None
