@@ -28,11 +28,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="parquet shards: one or more globs (quoted), read in natural order")
     p.add_argument("--tokenizer-path", help="local HF tokenizer folder (default: train a "
                    "byte-level BPE on the data and keep it beside the cache)")
-    p.add_argument("--cache-dir", help="token cache (default for prepare: .argonne_cache)")
+    p.add_argument("--fallback-vocab-size", type=int, default=32_000)
+    _add_reading_args(p, "token cache (default for prepare: .argonne_cache)")
+
+
+def _add_reading_args(p: argparse.ArgumentParser, cache_help: str) -> None:
+    """How shards are read and tokenized (prepare, train, eval)."""
+    p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--text-column", default="text")
     p.add_argument("--on-bad-shard", choices=("error", "skip"), default="error")
-    p.add_argument("--fallback-vocab-size", type=int, default=32_000)
     p.add_argument("--encoder", choices=("auto", "gigatoken", "tokenizers"), default="auto")
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """The model to run: an HF folder or an argonne-ds checkpoint (generate, eval)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
+    src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -229,9 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="continue prompts with a trained model")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
-    src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
+    _add_model_source(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help="one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -245,14 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="loss and perplexity on held-out shards")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
-    src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
+    _add_model_source(p)
     p.add_argument("--data-glob", nargs="+", required=True, help="held-out parquet shards")
-    p.add_argument("--cache-dir", help="token cache (default: tokenize while streaming)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--on-bad-shard", choices=("error", "skip"), default="error")
-    p.add_argument("--encoder", choices=("auto", "gigatoken", "tokenizers"), default="auto")
+    _add_reading_args(p, "token cache (default: tokenize while streaming)")
     p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
