@@ -318,8 +318,8 @@ def _resume(cfg: TrainConfig, engine: Engine, data: ResumableShardIterator,
         raise ConfigError(f"--checkpoint-path {cfg.checkpoint_path}: no complete checkpoint there")
     for tag in candidates:
         info = _check_compatible(directory / tag, engine, model_config)
-        saved = {k: info.get(k) for k in engine.layout()}
-        if any(v != engine.layout()[k] for k, v in saved.items() if v is not None):
+        # Keys an older marker lacks (None) are not counted as changes.
+        if any(info.get(k) not in (None, v) for k, v in engine.layout().items()):
             return _resume_resharded(directory / tag, info, engine, data, cfg)
         try:
             client, ok = engine.load(directory, tag), 1.0
