@@ -44,7 +44,8 @@ def test_ranges_and_recycled_workers_give_the_same_tokens(
     for shard in discover_shards(str(tmp_path / "shards" / "*.parquet")):
         out = tmp_path / f"{shard.name}.bin"
         out.write_bytes(b"stale bytes are overwritten")
-        n_tokens, n_docs, n_skipped = enc.tokenize_shard(shard, "text", str(out), batch_rows=5)
+        n_tokens, n_docs, n_skipped = encode_worker.tokenize_shard(enc, shard, "text", str(out),
+                                                                   batch_rows=5)
         want = hf_tokens(shard, tok)
         got = np.fromfile(out, dtype=np.uint32)
         assert np.array_equal(got, want) and n_tokens == len(want)
@@ -82,7 +83,8 @@ def test_a_bad_shard_is_the_same_data_error(
             HFEncoder(tok).encode(b.texts)
     out = tmp_path / "out.bin"
     with pytest.raises(DataError) as worker:
-        GigatokenEncoder(tok).tokenize_shard(shard, "text", str(out), batch_rows=500)
+        encode_worker.tokenize_shard(GigatokenEncoder(tok), shard, "text", str(out),
+                                     batch_rows=500)
     assert str(worker.value) == str(in_process.value)
     assert f"bad.parquet: unreadable at row {groups[0] * 1000} (" in str(worker.value)
     assert not list(tmp_path.glob("out.bin.part*"))
@@ -93,10 +95,10 @@ def test_a_dead_server_is_replaced(tmp_path: Path, fresh_servers: None) -> None:
     shard = discover_shards(str(tmp_path / "shards" / "*.parquet"))[0]
     tok = load_tokenizer(qwen_tokenizer_dir())
     enc = GigatokenEncoder(tok)
-    first = enc.tokenize_shard(shard, "text", str(tmp_path / "a.bin"))
+    first = encode_worker.tokenize_shard(enc, shard, "text", str(tmp_path / "a.bin"))
     server = encode_worker.get_server(enc.json_path)
     server.proc.kill()
     server.proc.wait()
-    assert enc.tokenize_shard(shard, "text", str(tmp_path / "b.bin")) == first
+    assert encode_worker.tokenize_shard(enc, shard, "text", str(tmp_path / "b.bin")) == first
     assert encode_worker.get_server(enc.json_path) is not server
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()

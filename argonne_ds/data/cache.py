@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,11 +31,11 @@ import numpy as np
 
 from argonne_ds.data import DataError
 from argonne_ds.data.discovery import Shard, shard_list_fingerprint
-from argonne_ds.data.shards import BAD_SHARD_HINT, TextBatch, iter_text_batches
+from argonne_ds.data.encoding import TOKEN_DTYPE, iter_encoded
+from argonne_ds.data.shards import no_good_shards_error
 from argonne_ds.data.tokenizer import Encoder, GigatokenEncoder, LoadedTokenizer, make_encoder
 
 logger = logging.getLogger(__name__)
-TOKEN_DTYPE = np.uint32  # Qwen's 151k vocab does not fit uint16
 
 
 @dataclass
@@ -98,32 +97,6 @@ def _read_entry(tokens_dir: Path, key: str) -> ShardEntry | None:
     return entry
 
 
-def _read_ahead(batches: Iterator[TextBatch]) -> Iterator[TextBatch]:
-    """The same batches, the next one read (and decompressed) on a thread while the caller
-    encodes this one: pyarrow and gigatoken both release the GIL. Errors surface in order."""
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        pending = pool.submit(next, batches, None)
-        while (batch := pending.result()) is not None:
-            pending = pool.submit(next, batches, None)
-            yield batch
-
-
-def iter_encoded(shard: Shard, text_column: str, encoder: Encoder, start_row: int = 0,
-                 read_ahead: bool = False, batch_rows: int | None = None,
-                 stop_row: int | None = None,
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
-    """(tokens, per-doc lengths, per-doc row numbers, rows read, skipped docs) batch by batch,
-    rows [start_row, stop_row): the one tokenization path of prepare and streaming mode."""
-    batches = iter_text_batches(shard, text_column, start_row=start_row, batch_rows=batch_rows,
-                                stop_row=stop_row)
-    for batch in _read_ahead(batches) if read_ahead else batches:
-        if len(batch.texts):
-            tokens, lengths = encoder.encode(batch.texts)
-        else:
-            tokens, lengths = np.empty(0, TOKEN_DTYPE), np.empty(0, np.int64)
-        yield tokens, lengths, batch.rows.to_numpy(), batch.n_rows, batch.n_skipped
-
-
 def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
                     encoder: Encoder, progress: object | None) -> ShardEntry:
     entry = ShardEntry(shard.name, shard.path, key)
@@ -134,9 +107,12 @@ def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
             progress.set_postfix_str(f"{shard.name} row {rows:,}", refresh=False)
 
     try:
-        # gigatoken: in its helper process, whose memory stays bounded (encode_worker.py).
-        counts = (encoder.tokenize_shard(shard, text_column, str(tmp), show)
-                  if isinstance(encoder, GigatokenEncoder) else None)
+        counts = None
+        if isinstance(encoder, GigatokenEncoder):
+            # gigatoken: in its helper processes, whose memory stays bounded.
+            from argonne_ds.data import encode_worker
+
+            counts = encode_worker.tokenize_shard(encoder, shard, text_column, str(tmp), show)
         if counts is not None:
             entry.n_tokens, entry.n_docs, entry.n_skipped_docs = counts
         else:
@@ -162,7 +138,7 @@ def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
 
 
 @contextlib.contextmanager
-def _build_lock(cache_dir: Path) -> Iterator[None]:
+def build_lock(cache_dir: Path) -> Iterator[None]:
     """flock: one process (per shared filesystem) builds while the others wait; released by the
     kernel if the holder dies, so a crashed builder never wedges the rest."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +160,7 @@ def prepare_cache(
         raise ValueError(f"on_bad_shard must be 'error' or 'skip', got {on_bad_shard!r}")
     cache_dir = Path(cache_dir)
     tokens_dir = cache_dir / "tokens"
-    with _build_lock(cache_dir):
+    with build_lock(cache_dir):
         tokens_dir.mkdir(parents=True, exist_ok=True)
         keys = [shard_key(s, tok, text_column) for s in shards]
         entries: list[ShardEntry | None] = [_read_entry(tokens_dir, k) for k in keys]
@@ -236,9 +212,7 @@ def prepare_cache(
         if e.status == "skipped":
             logger.warning("bad shard skipped: %s", e.error)
     if all(e.status == "skipped" for e in final):
-        first = final[0].error.removesuffix(f"; {BAD_SHARD_HINT}")
-        raise DataError(f"every one of the {len(final)} shards is bad, so skipping them leaves "
-                        f"no data; the first: {first}")
+        raise no_good_shards_error(len(final), final[0].error)
     return index
 
 

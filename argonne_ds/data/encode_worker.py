@@ -27,6 +27,10 @@ Protocol, one JSON object per line, parent and server: request {shard, column, s
 replies: {"rows": n} progress lines, then one of {"done": counts}, {"error": message} (a
 DataError: a bad shard; the first by row, as reading in order would have found) or {"fatal":
 traceback}. The parent fsyncs and renames `out` (cache._tokenize_shard).
+
+This module imports encoding.py (the workers' `iter_encoded`) and tokenizer.py (the server's
+`GigatokenEncoder`), which never import it back (tests/test_imports.py): hence the parent's
+entry point is `tokenize_shard` here, called by cache.py, not a method of the encoder.
 """
 
 from __future__ import annotations
@@ -48,10 +52,13 @@ import termios
 import time
 import traceback
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from argonne_ds.data import DataError
 from argonne_ds.data.discovery import Shard
+
+if TYPE_CHECKING:  # imported where used: the parent imports this module early (`prestart`)
+    from argonne_ds.data.tokenizer import GigatokenEncoder
 
 # A worker is replaced after this many million tokens (env ARGONNE_ENCODE_WORKER_MTOK), or
 # once its RSS has grown this much over its size after its first batch (MiB, env
@@ -201,6 +208,28 @@ def prestart(tokenizer_dir: str | os.PathLike[str] | None) -> None:
         pass
 
 
+def tokenize_shard(encoder: GigatokenEncoder, shard: Shard, text_column: str, out: str,
+                   on_rows: Callable[[int], None] | None = None,
+                   batch_rows: int | None = None) -> tuple[int, int, int] | None:
+    """Tokenize a whole shard into the file `out` with the encoder's tokenizer in the helper
+    processes (bounded memory): (tokens, docs, skipped docs); None when gigatoken cannot take
+    this tokenizer (the encoder then falls back in its `encode`, or has raised DataError).
+    Raises DataError for a bad shard."""
+    for attempt in range(2):
+        if encoder.failed:
+            return None
+        server = get_server(encoder.json_path)
+        if not server.ready():
+            encoder.unusable(server.error)
+            continue
+        try:
+            return server.tokenize(shard, text_column, encoder.sep, out, on_rows, batch_rows)
+        except ServerExited as e:
+            if attempt or not e.unstarted:  # it left on idle just as we asked: once more
+                raise
+    return None
+
+
 def close_servers(wait: bool = True) -> None:
     for server in _SERVERS.values():
         server.close(wait)
@@ -281,7 +310,7 @@ class _Budget:
 def _tokenize_range(encoder: Any, req: dict, io: _Lines, budget: _Budget) -> dict:
     """Rows [start, stop) of a shard into req["out"]; stops between two batches once the
     memory budget is spent (next_row: where a new worker goes on)."""
-    from argonne_ds.data.cache import iter_encoded
+    from argonne_ds.data.encoding import iter_encoded
 
     shard = Shard(req["path"], req["size"], req["mtime_ns"])
     row, n_tokens, n_docs, n_skipped, next_row = req["start"], 0, 0, 0, None
@@ -521,7 +550,7 @@ def serve(json_path: str) -> int:
             # jemalloc retains less freed memory than the default mimalloc (-20 MB a worker).
             pa.set_memory_pool(pa.jemalloc_memory_pool())
 
-        import argonne_ds.data.cache  # noqa: F401
+        import argonne_ds.data.encoding  # noqa: F401 - loaded once here, not in every worker
         from argonne_ds.data.tokenizer import GigatokenEncoder
 
         encoder = GigatokenEncoder(json_path=json_path, sep=0)

@@ -18,6 +18,14 @@ from argonne_ds.data.discovery import Shard
 BAD_SHARD_HINT = "fix or remove the file, or pass --on-bad-shard skip"
 
 
+def no_good_shards_error(n_shards: int, first_error: str | Exception) -> DataError:
+    """--on-bad-shard skip with every shard bad: nothing is left to train on. Names the first
+    problem, without the hint to skip (which is what got here)."""
+    first = str(first_error).removesuffix(f"; {BAD_SHARD_HINT}")
+    return DataError(f"every one of the {n_shards} shards is bad, so skipping them leaves no "
+                     f"data; the first: {first}")
+
+
 @dataclass
 class TextBatch:
     """Rows [first_row, first_row + n_rows) of a shard: the kept documents and their row numbers.

@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -242,10 +242,10 @@ class GigatokenEncoder:
     without making Python objects.
 
     The backend loads on the first `encode` (~0.4 s): `prepare` tokenizes in helper processes
-    (`tokenize_shard`, encode_worker.py) and never loads it here. gigatoken 0.10.0's pretoken
-    caches grow with every new pretoken (upstream #36): the helpers bound that by replacing
-    their workers; in this process (streaming mode) the backend is rebuilt after `reload_bytes`
-    of text.
+    (encode_worker.tokenize_shard, which builds this class there) and never loads it here.
+    gigatoken 0.10.0's pretoken caches grow with every new pretoken (upstream #36): the helpers
+    bound that by replacing their workers; in this process (streaming mode) the backend is
+    rebuilt after `reload_bytes` of text.
     """
 
     name = "gigatoken"
@@ -268,6 +268,12 @@ class GigatokenEncoder:
         # Later gigatoken versions can cap the caches themselves (before construction).
         if hasattr(gigatoken, "set_max_cache_bytes"):
             gigatoken.set_max_cache_bytes(256 * 2**20)
+
+    @property
+    def failed(self) -> str:
+        """Why gigatoken cannot take this tokenizer (then `encode` falls back); "" if it can or
+        has not been tried."""
+        return self._failed
 
     def load(self) -> Any:
         """The gigatoken tokenizer, loaded now if not yet; None when it cannot take this
@@ -314,28 +320,6 @@ class GigatokenEncoder:
             flat = np.asarray(ak.flatten(out, axis=1), dtype=np.uint32)
             offsets = np.concatenate([[0], np.cumsum(np.asarray(ak.num(out, axis=1)))])
         return _join_with_separator(flat, offsets, self.sep)
-
-    def tokenize_shard(self, shard: Shard, text_column: str, out: str,
-                       on_rows: Callable[[int], None] | None = None,
-                       batch_rows: int | None = None) -> tuple[int, int, int] | None:
-        """Tokenize a whole shard into the file `out` in the helper process (bounded memory):
-        (tokens, docs, skipped docs); None when gigatoken cannot take this tokenizer (then
-        `encode` falls back). Raises DataError for a bad shard."""
-        from argonne_ds.data import encode_worker
-
-        for attempt in range(2):
-            if self._failed:
-                return None
-            server = encode_worker.get_server(self.json_path)
-            if not server.ready():
-                self.unusable(server.error)
-                continue
-            try:
-                return server.tokenize(shard, text_column, self.sep, out, on_rows, batch_rows)
-            except encode_worker.ServerExited as e:
-                if attempt or not e.unstarted:  # it left on idle just as we asked: once more
-                    raise
-        return None
 
 
 def make_encoder(tok: LoadedTokenizer, prefer: str = "auto") -> Encoder:
