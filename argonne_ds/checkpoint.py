@@ -61,12 +61,54 @@ def resume_candidates(directory: Path) -> list[str]:
     return list(reversed(complete))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, phrased for the user (the CLI prints one line)."""
+
+
+CHECKPOINTS = "checkpoints"  # the folder inside a run's --output-dir
+
+
 def split_checkpoint_path(path: str | Path) -> tuple[Path, str | None]:
-    """`--checkpoint-path` may name a checkpoints folder (-> its newest complete tag) or one tag."""
+    """A checkpoint argument may name a run directory (train's --output-dir), its checkpoints
+    folder (-> the newest complete tag) or one global_stepN folder."""
     path = Path(path)
     if step_of(path.name) is not None:
         return path.parent, path.name
+    if (path / CHECKPOINTS).is_dir() and not list_tags(path)[0] + list_tags(path)[1]:
+        return path / CHECKPOINTS, None
     return path, None
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The completion marker of one checkpoint folder; a clear error when it is not one."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{folder} is not a complete argonne-ds checkpoint (no {MARKER}): "
+                              "a save was interrupted, or this is not a checkpoint; use a "
+                              "finished one")
+    return json.loads(marker.read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
+    """A run directory, checkpoints folder (its newest complete tag) or global_stepN folder ->
+    (checkpoints folder, tag, marker)."""
+    directory, tag = split_checkpoint_path(path)
+    if tag is None:
+        complete = resume_candidates(directory)
+        if not complete:
+            raise CheckpointError(f"{path}: no complete argonne-ds checkpoint there (a "
+                                  f"global_stepN folder with {MARKER}); give a run's "
+                                  "--output-dir, its checkpoints/ folder or one global_stepN")
+        tag = complete[0]
+    return directory, tag, read_marker(directory / tag)
+
+
+def model_config_of(info: dict[str, Any]) -> Any:
+    """The ArgonneConfig a checkpoint's marker records."""
+    from argonne_ds.config import ArgonneConfig
+
+    return ArgonneConfig(**{k: v for k, v in info["model"].items()
+                            if k not in ("model_type", "architectures", "transformers_version")})
 
 
 def rotate(directory: Path, keep: int) -> list[str]:

@@ -10,6 +10,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig, add_flags, given
+
 
 def _model_info(args: argparse.Namespace) -> int:
     from argonne_ds.config import load_model_config
@@ -22,22 +24,14 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """The data flags shared by prepare and train."""
-    p.add_argument("--data-glob", nargs="+", required=True,
-                   help="parquet shards: one or more globs (quoted), read in natural order")
-    p.add_argument("--tokenizer-path", help="local HF tokenizer folder (default: train a "
-                   "byte-level BPE on the data and keep it beside the cache)")
-    p.add_argument("--fallback-vocab-size", type=int, default=32_000)
-    _add_reading_args(p, "token cache (default for prepare: .argonne_cache)")
+PREPARE_DATA = ("data_glob", "tokenizer_path", "fallback_vocab_size", "cache_dir", "text_column",
+                "on_bad_shard", "encoder")
+EVAL_DATA = ("data_glob", "cache_dir", "text_column", "on_bad_shard", "encoder", "block_size")
 
 
-def _add_reading_args(p: argparse.ArgumentParser, cache_help: str) -> None:
-    """How shards are read and tokenized (prepare, train, eval)."""
-    p.add_argument("--cache-dir", help=cache_help)
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--on-bad-shard", choices=("error", "skip"), default="error")
-    p.add_argument("--encoder", choices=("auto", "gigatoken", "tokenizers"), default="auto")
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="RUN.yaml", help="a run config (YAML or JSON; examples in "
+                   "launch/configs/): every option a key, flags given here override it")
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -48,18 +42,22 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    if args.tokenizer_path and args.encoder != "tokenizers":
+    from argonne_ds.run_config import DEFAULT_CACHE_DIR, DataConfig, load_file
+
+    values = {**load_file(args.config)["data"], **given(args, DataConfig)} if args.config \
+        else given(args, DataConfig)
+    cfg = DataConfig(**{"cache_dir": DEFAULT_CACHE_DIR, **{k: v for k, v in values.items()
+                                                         if v is not None}})
+    if not cfg.data_glob:
+        raise ValueError("give --data-glob (or data.data_glob in --config)")
+    if cfg.tokenizer_path and cfg.encoder != "tokenizers":
         from argonne_ds.data.encode_worker import prestart
 
-        prestart(args.tokenizer_path)  # gigatoken's process starts up while we load ours
+        prestart(cfg.tokenizer_path)  # gigatoken's process starts up while we load ours
     from argonne_ds.data.cache import prepare_cache
     from argonne_ds.data.discovery import describe_plan, discover_shards
-    from argonne_ds.data.loader import DEFAULT_TOKENIZER_DIR, DataConfig, resolve_tokenizer
+    from argonne_ds.data.loader import resolve_tokenizer
 
-    cfg = DataConfig(args.data_glob, tokenizer_path=args.tokenizer_path,
-                     cache_dir=args.cache_dir or DEFAULT_TOKENIZER_DIR,
-                     text_column=args.text_column, on_bad_shard=args.on_bad_shard,
-                     fallback_vocab_size=args.fallback_vocab_size, encoder=args.encoder)
     shards = discover_shards(cfg.data_glob)
     print(f"[prepare] {describe_plan(shards)}", flush=True)
     tok = resolve_tokenizer(cfg, shards)
@@ -78,72 +76,22 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from argonne_ds.data.loader import DataConfig
-    from argonne_ds.trainer import OutOfMemory, TrainConfig, train
+    from argonne_ds.run_config import resolve_run_config
+    from argonne_ds.trainer import OutOfMemory, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    data = DataConfig(args.data_glob, tokenizer_path=args.tokenizer_path,
-                      cache_dir=args.cache_dir, text_column=args.text_column,
-                      block_size=args.block_size, seed=args.seed,
-                      shuffle_window=args.shuffle_window, on_bad_shard=args.on_bad_shard,
-                      allow_shard_change=args.allow_shard_change,
-                      fallback_vocab_size=args.fallback_vocab_size, encoder=args.encoder)
-    cfg = TrainConfig(
-        deepspeed_config=args.deepspeed_config, data=data, model=args.model,
-        output_dir=args.output_dir, checkpoint_path=args.checkpoint_path,
-        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate, min_learning_rate=args.min_learning_rate,
-        warmup_steps=args.warmup_steps, max_steps=args.max_steps, max_tokens=args.max_tokens,
-        weight_decay=args.weight_decay, precision=args.precision,
-        save_interval=args.save_interval, checkpoint_keep=args.checkpoint_keep, seed=args.seed,
-        log_interval=args.log_interval, eval_interval=args.eval_interval,
-        eval_data_glob=args.eval_data_glob or [], eval_batches=args.eval_batches,
-        sample_interval=args.sample_interval, sample_prompt=args.sample_prompt,
-        sample_tokens=args.sample_tokens, peak_tflops=args.peak_tflops, from_hf=args.from_hf)
+    run = resolve_run_config(args)
     try:
-        return train(cfg)
+        return train(run)
     except OutOfMemory as e:
         print(f"argonne-ds train: error: {e}", file=sys.stderr)
         return 3
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    add_data_args(p)
-    a = p.add_argument
-    a("--model", default="tiny", help="preset name or model config JSON")
-    a("--from-hf", help="start from this Hugging Face folder's weights and config (a "
-      "checkpoint in --output-dir still takes precedence: resuming wins)")
-    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
-      help="DeepSpeed JSON (ds_configs/): its sections pick pipeline or ZeRO-3")
-    a("--block-size", type=int, default=4096, help="tokens per sample (capped at the context)")
-    a("--shuffle-window", type=int, default=0, help="shuffle block order within windows")
-    a("--allow-shard-change", action="store_true",
-      help="resume even though the shard list changed since the checkpoint")
-    a("--batch-size", type=int, help="micro-batch per GPU (overrides the JSON)")
-    a("--gradient-accumulation-steps", type=int, help="overrides the JSON")
-    a("--learning-rate", type=float, default=3e-4)
-    a("--min-learning-rate", type=float, default=3e-5)
-    a("--warmup-steps", type=int, default=2000)
-    a("--max-steps", type=int)
-    a("--max-tokens", type=int, help="token budget instead of --max-steps")
-    a("--weight-decay", type=float, default=0.1, help="on matrices; none on norms/embeddings")
-    prec = p.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
-    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
-    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32")
-    a("--output-dir", default="runs/argonne")
-    a("--checkpoint-path", help="resume from this checkpoint (folder or global_stepN)")
-    a("--save-interval", type=int, default=1000)
-    a("--checkpoint-keep", type=int, default=3)
-    a("--seed", type=int, default=1234)
-    a("--log-interval", type=int, default=10)
-    a("--eval-interval", type=int, default=0)
-    a("--eval-data-glob", nargs="+", help="held-out shards for --eval-interval")
-    a("--eval-batches", type=int, default=4)
-    a("--sample-interval", type=int, default=0)
-    a("--sample-prompt", default="The")
-    a("--sample-tokens", type=int, default=32)
-    a("--peak-tflops", type=float, help="MFU denominator (default: from the GPU name)")
+    _add_config_arg(p)
+    for cls in SECTIONS.values():
+        add_flags(p, cls)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -179,15 +127,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from argonne_ds.data.loader import DataConfig
     from argonne_ds.evaluate import evaluate
     from argonne_ds.generate import load_for_generation
+    from argonne_ds.run_config import DataConfig
 
     model, tok = load_for_generation(args.model_path, args.checkpoint)
-    data = DataConfig(args.data_glob, tokenizer_path=tok.name_or_path, cache_dir=args.cache_dir,
-                      text_column=args.text_column, on_bad_shard=args.on_bad_shard,
-                      block_size=min(args.block_size, model.config.max_position_embeddings),
-                      encoder=args.encoder)
+    data = DataConfig(**given(args, DataConfig), tokenizer_path=tok.name_or_path)
+    data.block_size = min(data.block_size, model.config.max_position_embeddings)
     result = evaluate(model, data, args.batch_size, args.max_batches,
                       show_progress=not args.no_progress)
     if args.json:
@@ -229,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_model_info)
 
     p = sub.add_parser("prepare", help="tokenize parquet shards once into the token cache")
-    add_data_args(p)
+    _add_config_arg(p)
+    add_flags(p, DataConfig, only=PREPARE_DATA, help_defaults={"cache_dir": DEFAULT_CACHE_DIR})
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -256,9 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss and perplexity on held-out shards")
     _add_model_source(p)
-    p.add_argument("--data-glob", nargs="+", required=True, help="held-out parquet shards")
-    _add_reading_args(p, "token cache (default: tokenize while streaming)")
-    p.add_argument("--block-size", type=int, default=4096)
+    add_flags(p, DataConfig, only=EVAL_DATA, required=("data_glob",))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
     p.add_argument("--no-progress", action="store_true")
@@ -301,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         code, clean = 1, False
     if _distributed():
-        from argonne_ds.engine import shutdown
+        from argonne_ds.distributed import shutdown
 
         shutdown(code, clean)
     return code

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import deepspeed
 import torch
@@ -27,77 +23,13 @@ import torch.distributed as dist
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
+from argonne_ds.distributed import init_distributed
+from argonne_ds.ds_config import ConfigError, engine_mode
 from argonne_ds.model.model import ArgonneModel, RMSNorm, init_module
 from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class ConfigError(ValueError):
-    """A DeepSpeed JSON the framework cannot use, phrased for the user."""
-
-
-def read_ds_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; see ds_configs/ for examples")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
-
-
-def engine_mode(ds_config: dict[str, Any]) -> str:
-    pipe = ds_config.get("pipeline") or {}
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    if "stages" in pipe:
-        if stage >= 2:
-            raise ConfigError(f"pipeline parallelism works with ZeRO stage 0 or 1, not {stage}; "
-                              "use ds_configs/pipeline.json or a ZeRO-3 config without "
-                              "'pipeline'")
-        return "pipeline"
-    return "zero3" if stage == 3 else "data_parallel"
-
-
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Join (or create) the process group. On CPU, use gloo and skip the shm op's JIT build."""
-    if dist.is_initialized():
-        return
-    if not torch.cuda.is_available():
-        # Only inference all-reduce uses it, and building it costs ~20 s per cold machine.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if "RANK" not in os.environ:  # plain `python` without a launcher: one process
-        from argonne_ds.testing import free_port
-
-        port = os.environ.get("MASTER_PORT") or str(free_port())  # two such jobs can coexist
-        for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                             ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
-            os.environ.setdefault(var, default)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def shutdown(code: int, clean: bool = True) -> NoReturn:
-    """Leave the process group and exit with `code`, skipping interpreter teardown.
-
-    On CPU, 2-rank gloo jobs otherwise abort at exit in about one run in three ("terminate called
-    without an active exception", SIGABRT) and the launcher reports the job failed. The barrier
-    keeps a fast rank from tearing gloo down while a peer is still in a collective; after an
-    error (`clean=False`) the peers may never arrive, so it is skipped.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    if dist.is_available() and dist.is_initialized():
-        if clean:
-            with contextlib.suppress(Exception):
-                dist.barrier()
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-    os._exit(code)
 
 
 def adam_step_value(optimizer: Any, old: Any, step: int) -> Any:
@@ -259,6 +191,26 @@ class Engine:
         return {"mode": self.mode, "world_size": self.world_size,
                 "pipeline_stages": int((self.ds_config.get("pipeline") or {}).get("stages", 0)),
                 "zero_stage": int(self.engine.zero_optimization_stage())}
+
+    # ---- agreement between ranks: every rank calls these, in the same order ----------------
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true on any rank (so every rank takes the same branch)."""
+        t = torch.tensor([float(f) for f in flags], device=self.device)  # NCCL: device tensors
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank."""
+        return not self.any_rank(not flag)[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     @property
     def global_steps(self) -> int:

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from argonne_ds.data.loader import DataConfig, build_data_iterator
+from argonne_ds.data.loader import build_data_iterator
 from argonne_ds.model.model import ArgonneModel
+from argonne_ds.run_config import DataConfig
 
 
 @torch.no_grad()
@@ -24,11 +25,11 @@ def evaluate(model: ArgonneModel, data: DataConfig, batch_size: int = 8,
                                 model_vocab_size=model.config.vocab_size,
                                 show_progress=show_progress)
     total_loss, tokens, done, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(desc="eval", unit="block", disable=not show_progress, total=it.source.n_epoch)
+    bar = tqdm(desc="eval", unit="block", disable=not show_progress, total=it.blocks_per_epoch)
     while max_batches is None or done < max_batches:
         first = it.samples
         x, y = next(it)
-        n = it.source.n_epoch  # known up front from the cache; streaming learns it at the end
+        n = it.blocks_per_epoch  # known up front from the cache; streaming learns it at the end
         if n is not None and first >= n:
             break
         if n is not None and it.samples > n:  # wrapped into the next epoch: drop those blocks

@@ -99,18 +99,15 @@ def load_for_generation(model_path: str | None = None, checkpoint: str | None = 
     transformers tokenizer)."""
     from transformers import AutoTokenizer
 
-    from argonne_ds.convert.export import full_state, import_hf, resolve_checkpoint
+    from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
+    from argonne_ds.convert.export import full_state, import_hf
 
     if model_path:
         config, state = import_hf(model_path)
         tok_dir = model_path
     elif checkpoint:
-        from argonne_ds.config import ArgonneConfig
-
         directory, tag, info = resolve_checkpoint(checkpoint)
-        config = ArgonneConfig(**{k: v for k, v in info["model"].items()
-                                  if k not in ("model_type", "architectures",
-                                               "transformers_version")})
+        config = model_config_of(info)
         state = full_state(directory, tag, info)
         tok_dir = info.get("tokenizer_path")
         if not tok_dir or not Path(tok_dir).is_dir():

@@ -19,11 +19,9 @@ flush → ``os._exit`` shutdown, without which about one 2-rank gloo run in thre
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -34,6 +32,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.multiprocessing as torch_mp
+
+from argonne_ds.distributed import free_port, shutdown, skip_shm_build
 
 __all__ = [
     "DistributedTestError",
@@ -63,18 +63,6 @@ class DistributedTestError(AssertionError):
     """
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
-
-    The OS picks it (bind to port 0). Another process could take it before rank 0's store binds
-    it; that window is tiny, and a fixed port would collide far more often (parallel jobs, a
-    previous run's socket in TIME_WAIT).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def cpu_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment variables for running DeepSpeed ranks on a small CPU machine.
 
@@ -92,25 +80,6 @@ def cpu_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
-
-
-def skip_shm_build() -> None:
-    """Stop DeepSpeed from JIT-compiling its ``deepspeed_shm_comm`` op at ``init_distributed``.
-
-    On CPU every ``init_distributed`` builds that op (~20 s on a cold cache) although it only
-    serves inference all-reduce. ``TorchBackend.__init__`` calls the module-level
-    ``build_shm_op`` and treats ``None`` as "no shm op" (``inference_all_reduce`` then falls back
-    to ``torch.distributed.all_reduce``), so replacing it with a function returning ``None`` is
-    safe. Call this before ``deepspeed.init_distributed``.
-    """
-    # ``import deepspeed.comm.torch as m`` would bind the ``torch`` package, because
-    # ``deepspeed.comm`` re-exports ``torch``; import_module returns the submodule itself.
-    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-    ds_comm_torch.build_shm_op = _no_shm_op
-
-
-def _no_shm_op() -> None:
-    return None
 
 
 def run_distributed_test(
@@ -406,8 +375,6 @@ def _worker(
 
     try:
         if initialized:
-            from argonne_ds.engine import shutdown  # deepspeed is imported by now
-
             # Barrier (only after success: after an error the peers may never arrive, and the
             # parent kills everyone anyway), destroy the group, flush, os._exit.
             shutdown(0 if ok else 1, clean=ok)

@@ -65,7 +65,7 @@ def config(shard: Path, cache: Path, tok: str, shuffle: int) -> DataConfig:
 def throughput(cfg: DataConfig) -> tuple[float, int]:
     it, _ = build_data_iterator(cfg, global_batch_size=MICRO, micro_batch_size=MICRO,
                                 show_progress=False)
-    steps = it.source.n_epoch // MICRO
+    steps = it.blocks_per_epoch // MICRO
     t0 = time.perf_counter()
     for _ in range(steps):
         x, y = next(it)

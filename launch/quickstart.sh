@@ -38,23 +38,14 @@ MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 print(s.getsockname()[1])')
 export MASTER_PORT
 export DS_LAUNCHER_ARGS="--log_level warning"
-export MODEL=tiny TOKENIZER_PATH=fallback PRECISION=""   # fp32: the JSON's precision
-export DATA_GLOB="data/sample/shard_?.parquet data/sample/shard_1[01].parquet"  # shards 1-11
-export EVAL_DATA_GLOB=data/sample/shard_12.parquet EVAL_INTERVAL=100   # held out
-export CACHE_DIR=.argonne_cache/quickstart OUTPUT_DIR=$OUT
-# 8 sequences of 64 tokens per step (micro-batch 2 x 4 accumulation steps, through 2 stages);
-# a high learning rate suits a tiny model and a short run. The shards are grouped by source
-# (Bible, Shakespeare, Wikipedia, Python docs), so blocks are shuffled over the whole corpus.
-export BLOCK_SIZE=64 BATCH_SIZE=2 GRAD_ACCUM=4 SHUFFLE_WINDOW=100000
-export MAX_STEPS=$STEPS LR=3e-3 MIN_LR=3e-4 WARMUP_STEPS=30
-export LOG_INTERVAL=20 SAVE_INTERVAL=100 SAMPLE_INTERVAL=$STEPS
-CONFIG=ds_configs/cpu_pipeline.json
-# The second half: ZeRO-3 over the same 2 processes, each a data-parallel rank, so accumulation
-# halves to keep the global batch at 8.
-CONFIG_2=ds_configs/cpu_zero3.json GRAD_ACCUM_2=2
+# The run itself (model, data, schedule, output) is a run config file; the two flags below
+# override it (the same precedence a user gets: defaults < file < flags).
+RUN=launch/configs/quickstart.yaml
+[ "$OUT" = "$(python -c "import yaml; print(yaml.safe_load(open('$RUN'))['checkpoint']['output_dir'])")" ] \
+    || die "$RUN must write to $OUT"
+export MAX_STEPS=$STEPS SAMPLE_INTERVAL=$STEPS
+CONFIG_2=ds_configs/cpu_zero3.json
 
-# Lines a newcomer does not need (DeepSpeed's pipeline layout, its scheduler warnings and the
-# one about its default /job/hostfile, wandb's offline notes); everything is kept in $LOG.
 NOISE='^SEED_LAYERS=|^Using topology|^stage=[0-9]|^ +[0-9]+: [A-Za-z]+$|^  loss: |lr_schedules.py'
 NOISE+='|fetch_hostfile|^wandb: |FutureWarning: `torch.distributed|^  return func\(|^Processing zero'
 NOISE+='|^Parsing checkpoint created|^Detected checkpoint of type|^Reconstructed Trainable'
@@ -69,13 +60,12 @@ argonne-ds model-info --preset argonne2 --gpus 8 16
 
 phase "2/5 Tokenize the sample corpus once (shards 1-11): no --tokenizer-path, so a byte-level" \
     "BPE is trained on the data first; the token cache makes later runs start at once"
-read -r -a train_globs <<< "$DATA_GLOB"  # split on spaces, globs left for argonne-ds
-argonne-ds prepare --data-glob "${train_globs[@]}" --cache-dir "$CACHE_DIR" 2>&1 | show
+argonne-ds prepare --config "$RUN" 2>&1 | show
 
-phase "3/5 Train $MODEL on 2 processes (pipeline stages 1 and 2) through the deepspeed launcher." \
+phase "3/5 Train the tiny model ($RUN) on 2 processes (pipeline stages 1 and 2) through the deepspeed launcher." \
     "At step $STOP_AT this script sends SIGTERM, as a cluster does before preempting a job:" \
     "the job saves a checkpoint and exits 0. (An untrained model scores ln(32000) = 10.4.)"
-bash launch/train.sh "$CONFIG" > >(show) 2>&1 &
+bash launch/train.sh "$RUN" > >(show) 2>&1 &
 train_pid=$!
 # Stop when metrics.jsonl records step STOP_AT (the job logs every step there).
 until grep -qF "{\"step\": $STOP_AT, \"loss\"" "$OUT/metrics.jsonl" 2>/dev/null; do
@@ -89,17 +79,19 @@ kill -TERM "$train_pid"
 wait "$train_pid" || die "the interrupted run did not exit cleanly; see $LOG"
 sleep 0.5  # let the output filter catch up
 
-phase "4/5 Relaunch with $CONFIG_2 instead: ZeRO-3, nothing else changed. It finds the" \
-    "pipeline's checkpoint, converts it (weights, Adam moments, learning-rate schedule, data" \
-    "position) and continues; it evaluates on held-out shard_12 every $EVAL_INTERVAL steps and" \
+phase "4/5 Relaunch with --deepspeed_config $CONFIG_2: ZeRO-3, and gradient accumulation 2" \
+    "to keep the global batch on 2 data-parallel ranks. It finds the pipeline's checkpoint," \
+    "converts it (weights, Adam moments, learning-rate schedule, data position) and" \
+    "continues; it evaluates on held-out shard_12 every 100 steps and" \
     "ends with a greedy sample (a 9 M model after a few minutes mostly repeats frequent words)"
-GRAD_ACCUM=$GRAD_ACCUM_2 bash launch/train.sh "$CONFIG_2" > >(show) 2>&1 \
+bash launch/train.sh "$RUN" --deepspeed_config "$CONFIG_2" --gradient-accumulation-steps 2 \
+    > >(show) 2>&1 \
     || die "the resumed run failed; see $LOG"
 sleep 0.5
 
 phase "5/5 Export the ZeRO-3 checkpoint to a Hugging Face folder, load it with transformers" \
     "(no trust_remote_code) and generate from it"
-argonne-ds export --checkpoint "$OUT/checkpoints" --out "$OUT/hf" --dtype fp32 2>&1 | show
+argonne-ds export --checkpoint "$OUT" --out "$OUT/hf" --dtype fp32 2>&1 | show
 python - "$OUT/hf" 2>&1 <<'EOF' | show
 import sys
 

@@ -3,7 +3,11 @@
 # and launch/train_zero3.sh, which differ only in the DeepSpeed JSON they hand it:
 #
 #   bash launch/train.sh DS_CONFIG [argonne-ds train flags ...]
+#   bash launch/train.sh RUN_CONFIG.yaml [argonne-ds train flags ...]
 #
+# With a run config (a .yaml/.yml file, e.g. launch/configs/argonne2_pipeline.yaml) the file
+# holds the run: the variables below have no defaults then, and only those you set become flags
+# (which override the file's values), like the flags given after the file.
 # It runs in the repository root, so relative paths (the defaults below and any you pass) are
 # relative to the root. Each train flag takes its default from an environment variable; flags
 # given after DS_CONFIG come last and win (argparse keeps the last value of a repeated flag).
@@ -54,12 +58,18 @@ FORWARD_ENV="WANDB_ HF_ TRANSFORMERS_ TOKENIZERS_PARALLELISM TORCH_ PYTORCH_ NCC
 CUDA_DEVICE_MAX_CONNECTIONS CUDA_LAUNCH_BLOCKING OMP_NUM_THREADS DS_ACCELERATOR ARGONNE_ FI_
 ${FORWARD_ENV_EXTRA:-}"
 
-[ $# -ge 1 ] || die "usage: launch/train.sh DS_CONFIG [argonne-ds train flags ...]"
+[ $# -ge 1 ] || die "usage: launch/train.sh DS_CONFIG|RUN_CONFIG.yaml [argonne-ds train flags ...]"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-DS_CONFIG=$1
+case $1 in
+    *.yaml | *.yml)  # a run config: it carries the defaults, D="" switches ours off
+        RUN_CONFIG=$1 DS_CONFIG="" D=""
+        [ -f "$RUN_CONFIG" ] || die "run config $RUN_CONFIG not found (see launch/configs/)" ;;
+    *)
+        RUN_CONFIG="" DS_CONFIG=$1 D=1
+        [ -f "$DS_CONFIG" ] || die "DeepSpeed config $DS_CONFIG not found (see ds_configs/)" ;;
+esac
 shift
-[ -f "$DS_CONFIG" ] || die "DeepSpeed config $DS_CONFIG not found (see ds_configs/)"
 
 # The repository's .venv (launch/setup_env.sh) unless a virtualenv is already active.
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
@@ -81,20 +91,29 @@ has_flag() {
 passthrough=("$@")
 
 # ---- the argonne-ds train flags ---------------------------------------------------------------
-MODEL=${MODEL-argonne2}
-OUTPUT_DIR=${OUTPUT_DIR-runs/$(basename "${MODEL:-model}" .json)-$(basename "$DS_CONFIG" .json)}
+# ${VAR-${D:+default}}: the default only without a run config.
+MODEL=${MODEL-${D:+argonne2}}
+if [ -n "$D" ]; then
+    OUTPUT_DIR=${OUTPUT_DIR-runs/$(basename "${MODEL:-model}" .json)-$(basename "$DS_CONFIG" .json)}
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 # `read -a` splits on spaces without expanding the globs: argonne-ds expands them itself.
-read -r -a data_globs <<< "${DATA_GLOB-../data/CC-MAIN-2025-26/*.parquet}"
+read -r -a data_globs <<< "${DATA_GLOB-${D:+../data/CC-MAIN-2025-26/*.parquet}}"
 read -r -a eval_globs <<< "${EVAL_DATA_GLOB:-}"
 
-train=(--deepspeed_config "$DS_CONFIG")
+train=()
 add() {  # add FLAG VALUE: only when VALUE is not empty
     if [ -n "$2" ]; then train+=("$1" "$2"); fi
 }
+add --config "$RUN_CONFIG"
+add --deepspeed_config "$DS_CONFIG"
 add --model "$MODEL"
 if [ ${#data_globs[@]} -gt 0 ]; then train+=(--data-glob "${data_globs[@]}"); fi
-if ! has_flag --tokenizer-path; then
+if [ -n "$RUN_CONFIG" ]; then
+    if [ -n "${TOKENIZER_PATH:-}" ] && [ "$TOKENIZER_PATH" != fallback ]; then
+        train+=(--tokenizer-path "$TOKENIZER_PATH")
+    fi
+elif ! has_flag --tokenizer-path; then
     case ${TOKENIZER_PATH:-} in
         "") die "set TOKENIZER_PATH to a local Hugging Face tokenizer folder (Qwen2.5, e.g." \
                 "/models/Qwen2.5-3B-Instruct), or TOKENIZER_PATH=fallback to train a" \
@@ -104,37 +123,38 @@ if ! has_flag --tokenizer-path; then
            train+=(--tokenizer-path "$TOKENIZER_PATH") ;;
     esac
 fi
-add --cache-dir "${CACHE_DIR-.argonne_cache}"
-add --output-dir "$OUTPUT_DIR"
-add --block-size "${BLOCK_SIZE-4096}"
+add --cache-dir "${CACHE_DIR-${D:+.argonne_cache}}"
+add --output-dir "${OUTPUT_DIR:-}"
+add --block-size "${BLOCK_SIZE-${D:+4096}}"
 add --batch-size "${BATCH_SIZE:-}"
 add --gradient-accumulation-steps "${GRAD_ACCUM:-}"
-add --learning-rate "${LR-3e-4}"
-add --min-learning-rate "${MIN_LR-3e-5}"
-add --warmup-steps "${WARMUP_STEPS-2000}"
+add --learning-rate "${LR-${D:+3e-4}}"
+add --min-learning-rate "${MIN_LR-${D:+3e-5}}"
+add --warmup-steps "${WARMUP_STEPS-${D:+2000}}"
 # --max-steps wins over --max-tokens in argonne-ds, so the default step budget applies only when
 # no token budget is given.
 if [ -n "${MAX_TOKENS:-}" ] || has_flag --max-tokens; then
     add --max-tokens "${MAX_TOKENS:-}"
     add --max-steps "${MAX_STEPS:-}"
 else
-    add --max-steps "${MAX_STEPS-100000}"
+    add --max-steps "${MAX_STEPS-${D:+100000}}"
 fi
-add --save-interval "${SAVE_INTERVAL-500}"
-add --checkpoint-keep "${CHECKPOINT_KEEP-3}"
-add --log-interval "${LOG_INTERVAL-10}"
+add --save-interval "${SAVE_INTERVAL-${D:+500}}"
+add --checkpoint-keep "${CHECKPOINT_KEEP-${D:+3}}"
+add --log-interval "${LOG_INTERVAL-${D:+10}}"
 add --shuffle-window "${SHUFFLE_WINDOW:-}"
 add --seed "${SEED:-}"
 if [ ${#eval_globs[@]} -gt 0 ]; then
     train+=(--eval-data-glob "${eval_globs[@]}")
-    add --eval-interval "${EVAL_INTERVAL-1000}"
+    add --eval-interval "${EVAL_INTERVAL-${D:+1000}}"
 fi
 add --sample-interval "${SAMPLE_INTERVAL:-}"
 add --sample-prompt "${SAMPLE_PROMPT:-}"
 # --bf16/--fp16/--fp32 exclude each other, so a precision flag passed through replaces this one.
 if ! has_flag --bf16 --fp16 --fp32; then
-    case ${PRECISION-bf16} in
-        bf16 | fp16 | fp32) train+=("--${PRECISION-bf16}") ;;
+    precision=${PRECISION-${D:+bf16}}
+    case $precision in
+        bf16 | fp16 | fp32) train+=("--$precision") ;;
         "") ;;
         *) die "PRECISION must be bf16, fp16, fp32 or empty, not '$PRECISION'" ;;
     esac

@@ -1,4 +1,4 @@
-"""A command that joined a process group leaves through engine.shutdown: output flushed, the
+"""A command that joined a process group leaves through distributed.shutdown: output flushed, the
 group destroyed, and os._exit (no interpreter teardown, where 2-rank gloo jobs abort in about one
 run in three with "terminate called without an active exception")."""
 
@@ -12,13 +12,14 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import argparse, atexit, sys
-    from argonne_ds import cli, engine
+    import os
+    from argonne_ds import cli, distributed
 
     atexit.register(lambda: print("interpreter teardown ran", flush=True))
 
     def command(args):
-        engine.init_distributed(timeout_s=30)  # no launcher: one rank on a free port
-        print(f"command ran on port {engine.os.environ['MASTER_PORT']}")  # not flushed here
+        distributed.init_distributed(timeout_s=30)  # no launcher: one rank on a free port
+        print(f"command ran on port {os.environ['MASTER_PORT']}")  # not flushed here
         if args.fail:
             raise RuntimeError("boom")
         return 5

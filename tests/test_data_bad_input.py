@@ -126,7 +126,7 @@ def make(root: Path, cache: bool, **kw):
 def epoch_blocks(it, ref: np.ndarray) -> None:
     """The iterator's first epoch is exactly the packed reference stream."""
     n = (len(ref) - 1) // T
-    assert it.source.n_epoch in (None, n)
+    assert it.blocks_per_epoch in (None, n)
     for b in range(n):
         x, y = next(it)
         assert np.array_equal(x[0].numpy(), ref[b * T:b * T + T]), b

@@ -110,7 +110,7 @@ def test_resume_is_exact_for_many_k(corpus, cache: bool, shuffle: int, world: in
             tail = take(resumed, (steps - k) * per_rank_micro)
             got, want = flat(head + tail), flat(full)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (rank, k)
-    n_epoch = make(root, cache=True).source.n_epoch
+    n_epoch = make(root, cache=True).blocks_per_epoch
     assert n_epoch < steps * G  # the runs cross an epoch boundary
 
 

@@ -12,16 +12,11 @@ import torch
 
 from argonne_ds import checkpoint as ckpt
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.data.loader import DataConfig
-from argonne_ds.engine import (
-    ConfigError,
-    engine_mode,
-    param_groups,
-    read_ds_config,
-    start_scheduler,
-)
+from argonne_ds.ds_config import ConfigError, engine_mode, read_ds_config, resolve_ds_config
+from argonne_ds.engine import param_groups, start_scheduler
 from argonne_ds.model import ArgonneModel
-from argonne_ds.trainer import TrainConfig, _parse_injection, is_oom, resolve_ds_config
+from argonne_ds.run_config import DataConfig, RunConfig, TrainConfig
+from argonne_ds.trainer import _parse_injection, is_oom
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
 EXPECTED_MODE = {"pipeline.json": "pipeline", "cpu_pipeline.json": "pipeline",
@@ -45,8 +40,8 @@ def test_shipped_config_loads_and_validates(path: Path) -> None:
 
     ds = read_ds_config(path)
     assert engine_mode(ds) == EXPECTED_MODE[path.name]
-    cfg = TrainConfig(deepspeed_config=str(path), data=DataConfig(["x"], block_size=64),
-                      max_steps=100, warmup_steps=10)
+    cfg = RunConfig(DataConfig(["x"], block_size=64),
+                    TrainConfig(deepspeed_config=str(path), max_steps=100, warmup_steps=10))
     stages = int((ds.get("pipeline") or {}).get("stages", 1))
     resolved, max_steps, _ = resolve_ds_config(cfg, world_size=stages)
     checked = DeepSpeedConfig(resolved, mpu=_OneRank())  # DeepSpeed's own parser and checks
@@ -72,9 +67,9 @@ def test_bad_configs_are_refused_clearly(tmp_path: Path) -> None:
 
 def test_cli_overrides_win_and_are_reported(tmp_path: Path) -> None:
     path = CONFIGS[0].parent / "cpu_zero3.json"
-    cfg = TrainConfig(deepspeed_config=str(path), data=DataConfig(["x"], block_size=128),
-                      batch_size=2, gradient_accumulation_steps=3, learning_rate=1e-3,
-                      min_learning_rate=1e-4, max_tokens=10_000, precision="bf16")
+    cfg = RunConfig(DataConfig(["x"], block_size=128), TrainConfig(
+        deepspeed_config=str(path), batch_size=2, gradient_accumulation_steps=3,
+        learning_rate=1e-3, min_learning_rate=1e-4, max_tokens=10_000, precision="bf16"))
     ds, max_steps, notes = resolve_ds_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["bf16"]["enabled"]
@@ -87,8 +82,9 @@ def test_lr_curve_is_linear_warmup_from_min_then_cosine_to_min() -> None:
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     path = CONFIGS[0].parent / "cpu_pipeline.json"
-    cfg = TrainConfig(deepspeed_config=str(path), data=DataConfig(["x"]), max_steps=1000,
-                      warmup_steps=100, learning_rate=3e-4, min_learning_rate=3e-5)
+    cfg = RunConfig(DataConfig(["x"]), TrainConfig(
+        deepspeed_config=str(path), max_steps=1000, warmup_steps=100, learning_rate=3e-4,
+        min_learning_rate=3e-5))
     ds, _, _ = resolve_ds_config(cfg, world_size=2)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
     sched = WarmupCosineLR(opt, **ds["scheduler"]["params"])

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from argonne_ds.checkpoint import resolve_checkpoint
 from argonne_ds.cli import main
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.convert.export import full_state, import_hf, resolve_checkpoint
+from argonne_ds.convert.export import full_state, import_hf
 from argonne_ds.model import ArgonneModel
 from tests.train_helpers import MODEL, run, steps, train_cmd
 

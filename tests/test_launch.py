@@ -398,3 +398,16 @@ def test_ssh_launch_forwards_deepspeed_env(ws, tmp_path: Path) -> None:
     assert f"WANDB_DIR={wandb_dir}" in (tmp_path / "deepspeed_env").read_text()
     assert "pipeline on 2 ranks" in text and sorted(steps(out)) == [1, 2, 3, 4]
     assert list(wandb_dir.glob("wandb/offline-run-*")), "WANDB_DIR did not reach rank 0"
+
+
+def test_train_sh_with_a_run_config(fake_deepspeed: Path, tmp_path: Path) -> None:
+    """With a run config the file holds the run: only variables that are set and flags given
+    become flags (none of the script's cluster defaults would override the file)."""
+    config = "launch/configs/argonne2_zero3.yaml"
+    proc, argv = compose(fake_deepspeed, tmp_path, "--max-steps", "7", config=config,
+                         HOSTFILE="", LR="1e-4")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("train") + 1:] == ["--config", config, "--learning-rate", "1e-4",
+                                              "--max-steps", "7"]
+    proc, _ = compose(fake_deepspeed, tmp_path, config="launch/configs/nope.yaml", HOSTFILE="")
+    assert proc.returncode == 2 and "run config launch/configs/nope.yaml not found" in proc.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from argonne_ds.model.pipe import pipe_to_plain_key
@@ -28,23 +28,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class ExportError(ValueError):
     """A checkpoint that cannot be exported, phrased for the user."""
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str, dict]:
-    """A checkpoints folder (its newest complete tag) or a global_stepN folder -> (dir, tag,
-    marker)."""
-    directory, tag = ckpt.split_checkpoint_path(path)
-    if tag is None:
-        complete = ckpt.resume_candidates(directory)
-        if not complete:
-            raise ExportError(f"{path}: no complete argonne-ds checkpoint (global_stepN folder "
-                              f"with {ckpt.MARKER}) there")
-        tag = complete[0]
-    marker = directory / tag / ckpt.MARKER
-    if not marker.is_file():
-        raise ExportError(f"{directory / tag} is not a complete argonne-ds checkpoint (no "
-                          f"{ckpt.MARKER}); export a finished one")
-    return directory, tag, json.loads(marker.read_text())
 
 
 def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]:
@@ -71,9 +54,7 @@ def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
               max_shard_size: str = "5GB") -> Path:
     directory, tag, info = resolve_checkpoint(checkpoint)
-    config = ArgonneConfig(**{k: v for k, v in info["model"].items()
-                              if k not in ("model_type", "architectures", "transformers_version")})
-    out = write_hf_folder(full_state(directory, tag, info), config, out, dtype=dtype,
+    out = write_hf_folder(full_state(directory, tag, info), model_config_of(info), out, dtype=dtype,
                           tokenizer_path=info.get("tokenizer_path"),
                           separator_id=info.get("separator_id"), max_shard_size=max_shard_size)
     (out / "argonne_export.json").write_text(json.dumps(
@@ -84,10 +65,21 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
 def write_hf_folder(state: dict[str, torch.Tensor], config: ArgonneConfig, out: str | Path,
                     dtype: str = "bf16", tokenizer_path: str | None = None,
                     separator_id: int | None = None, max_shard_size: str = "5GB") -> Path:
-    """Plain Argonne weights -> a stock Llama/Mistral folder (+ tokenizer, generation config)."""
+    """Plain Argonne weights -> a stock Llama/Mistral folder (+ tokenizer, generation config).
+
+    config.json, generation_config.json and the copied tokenizer all name the separator the
+    model was trained with as eos (and no BOS), so that stock tools stop where training's
+    documents ended (convert/hf.py, export_special_tokens)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    target = hf_config(config)
+    from argonne_ds.convert.hf import export_special_tokens, set_tokenizer_special_tokens
+
+    tok_dir = Path(tokenizer_path) if tokenizer_path and Path(tokenizer_path).is_dir() else None
+    try:  # before any weights are written: a wrong tokenizer folder fails fast
+        tokens = export_special_tokens(tok_dir, separator_id)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    target = hf_config(config, eos_token_id=tokens.eos_id, pad_token_id=tokens.pad_id)
     target.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(target)
@@ -101,12 +93,13 @@ def write_hf_folder(state: dict[str, torch.Tensor], config: ArgonneConfig, out: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    GenerationConfig(eos_token_id=separator_id, pad_token_id=separator_id,
+    GenerationConfig(eos_token_id=tokens.eos_id, pad_token_id=tokens.pad_id,
                      bos_token_id=None).save_pretrained(out)
-    if tokenizer_path and Path(tokenizer_path).is_dir():
+    if tok_dir is not None:
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_path) / name).is_file():
-                shutil.copy2(Path(tokenizer_path) / name, out / name)
+            if (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, out / name)
+        set_tokenizer_special_tokens(out, tokens)
         cfg_path = out / "tokenizer_config.json"
         if cfg_path.is_file():
             tc = json.loads(cfg_path.read_text())

@@ -3,52 +3,26 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from argonne_ds.data import DataError
-from argonne_ds.data.cache import _build_lock, prepare_cache
+from argonne_ds.data.cache import build_lock, prepare_cache
 from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list_fingerprint
-from argonne_ds.data.shards import BAD_SHARD_HINT, open_shard
+from argonne_ds.data.shards import no_good_shards_error, open_shard
 from argonne_ds.data.tokenizer import (
     LoadedTokenizer,
     load_tokenizer,
     make_encoder,
     train_fallback_tokenizer,
 )
+from argonne_ds.run_config import DEFAULT_CACHE_DIR, DataConfig
 
 if TYPE_CHECKING:  # stream.py imports torch (~1 s): not on `prepare`'s path
     from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
 
 logger = logging.getLogger(__name__)
-DEFAULT_TOKENIZER_DIR = ".argonne_cache"
-
-
-@dataclass
-class DataConfig:
-    data_glob: list[str] = field(default_factory=list)
-    tokenizer_path: str | None = None  # None: train the fallback BPE on the data
-    cache_dir: str | None = None  # None: tokenize while streaming from parquet
-    text_column: str = "text"
-    block_size: int = 4096
-    seed: int = 1234
-    shuffle_window: int = 0  # blocks; 0/1 = the natural order
-    on_bad_shard: str = "error"  # or "skip"
-    allow_shard_change: bool = False
-    fallback_vocab_size: int = 32_000
-    encoder: str = "auto"  # auto | gigatoken | tokenizers
-
-    def __post_init__(self) -> None:
-        if isinstance(self.data_glob, str):
-            self.data_glob = [self.data_glob]
-        if self.block_size < 1:
-            raise ValueError(f"DataConfig.block_size must be positive, got {self.block_size}")
-        if self.on_bad_shard not in ("error", "skip"):
-            raise ValueError(f"DataConfig.on_bad_shard must be error|skip, got {self.on_bad_shard}")
-        if self.encoder not in ("auto", "gigatoken", "tokenizers"):
-            raise ValueError(f"DataConfig.encoder must be auto|gigatoken|tokenizers, got "
-                             f"{self.encoder}")
+DEFAULT_TOKENIZER_DIR = DEFAULT_CACHE_DIR  # the fallback tokenizer lives beside the cache
 
 
 def resolve_tokenizer(cfg: DataConfig, shards: list, model_vocab_size: int | None = None
@@ -59,7 +33,7 @@ def resolve_tokenizer(cfg: DataConfig, shards: list, model_vocab_size: int | Non
         # the data is read); under error, a bad sampled shard raises as it is read.
         sample = usable_shards(cfg, shards, warn=False) if cfg.on_bad_shard == "skip" else shards
         where = Path(cfg.cache_dir or DEFAULT_TOKENIZER_DIR)
-        with _build_lock(where):
+        with build_lock(where):
             path = str(train_fallback_tokenizer(sample, cfg.text_column, where,
                                                 vocab_size=cfg.fallback_vocab_size))
     return load_tokenizer(path, model_vocab_size)
@@ -80,9 +54,7 @@ def usable_shards(cfg: DataConfig, shards: list, warn: bool = True) -> list:
             if warn:
                 logger.warning("skipping bad shard (--on-bad-shard skip): %s", e)
     if errors and not good:
-        first = str(errors[0]).removesuffix(f"; {BAD_SHARD_HINT}")
-        raise DataError(f"every one of the {len(shards)} shards is bad, so skipping them leaves "
-                        f"no data; the first: {first}")
+        raise no_good_shards_error(len(shards), errors[0])
     if errors and warn:
         logger.warning("data: %d of %d shards skipped as bad (--on-bad-shard skip)",
                        len(errors), len(shards))

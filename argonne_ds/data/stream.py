@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from argonne_ds.data import DataError
-from argonne_ds.data.cache import TOKEN_DTYPE, CacheIndex, TokenStore, iter_encoded
+from argonne_ds.data.cache import CacheIndex, TokenStore
 from argonne_ds.data.discovery import Shard
+from argonne_ds.data.encoding import TOKEN_DTYPE, iter_encoded
 from argonne_ds.data.shards import verify_pages
 from argonne_ds.data.tokenizer import Encoder
 
@@ -301,6 +302,24 @@ class ResumableShardIterator:
     def epoch(self) -> int:
         n = self.source.n_epoch
         return self.samples // n if n else 0
+
+    @property
+    def mode(self) -> str:
+        """"cache" (token files, any position a seek away) or "stream" (tokenized on the fly)."""
+        return self.source.mode
+
+    @property
+    def blocks_per_epoch(self) -> int | None:
+        """Blocks in one pass over the data: known up front from the cache; when streaming,
+        learnt at the end of the first pass (None until then)."""
+        return self.source.n_epoch
+
+    @property
+    def cache_index(self) -> CacheIndex:
+        """The token cache's index (shards, token counts); cache mode only."""
+        if not isinstance(self.source, CachedBlocks):
+            raise RuntimeError("the data is streamed: there is no token cache index")
+        return self.source.index
 
     def state_dict(self) -> dict[str, Any]:
         return {

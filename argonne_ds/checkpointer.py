@@ -1,0 +1,200 @@
+"""Resuming and saving a training run, around checkpoint.py's bookkeeping.
+
+`Checkpointer.resume()` picks the checkpoint (the newest complete one, or `--checkpoint-path`),
+checks that it belongs to this run (model, run config), then either loads it natively or, when it
+was written under another layout (pipeline <-> ZeRO-3, other rank counts), converts it
+(reshard.py); both restore weights, optimizer, LR schedule, counters and the data position.
+`carry_import()` continues a run imported from the original code at its step and data position.
+`save()` writes a checkpoint that counts only once every rank's files are on disk. Every
+collective goes through an Engine method, in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from argonne_ds import checkpoint as ckpt
+from argonne_ds.data.stream import ResumableShardIterator
+from argonne_ds.data.tokenizer import LoadedTokenizer
+from argonne_ds.engine import Engine
+from argonne_ds.metrics import format_duration, say
+from argonne_ds.run_config import ConfigError, RunConfig, compare
+
+logger = logging.getLogger(__name__)
+# What makes two models the same for a resume (the rest of the config may change).
+ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "intermediate_size", "tie_word_embeddings")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    run_id: str | None = None
+
+
+class Checkpointer:
+    def __init__(self, run: RunConfig, engine: Engine, data: ResumableShardIterator,
+                 tok: LoadedTokenizer, resolved: dict[str, Any]) -> None:
+        self.run, self.engine, self.data, self.tok = run, engine, data, tok
+        self.resolved = resolved
+        self.directory = Path(run.checkpoint.output_dir) / ckpt.CHECKPOINTS
+        self.rank0 = engine.global_rank == 0
+
+    # ---- resume -------------------------------------------------------------------------------
+    def resume(self) -> TrainState:
+        given = self.run.checkpoint.checkpoint_path
+        directory, tag = (ckpt.split_checkpoint_path(given) if given
+                          else (self.directory, None))
+        candidates = [tag] if tag else ckpt.resume_candidates(directory)
+        if given and not candidates:
+            raise ConfigError(f"--checkpoint-path {given}: no complete checkpoint there")
+        for tag in candidates:
+            info = self._check_compatible(directory / tag)
+            # Keys an older marker lacks (None) are not counted as changes.
+            if any(info.get(k) not in (None, v) for k, v in self.engine.layout().items()):
+                return self._resume_resharded(directory / tag, info)
+            try:
+                client, ok = self.engine.load(directory, tag), True
+            except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: fall back
+                logger.warning("could not load checkpoint %s/%s (%s: %s); trying an earlier one",
+                               directory, tag, type(e).__name__, e)
+                client, ok = {}, False
+            if not self.engine.all_ranks(ok):  # all ranks resume from the same one
+                continue
+            if client.get("micro_batch_size") not in (None, self.engine.micro_batch_size):
+                self.engine.set_micro_batch_size(client["micro_batch_size"])  # an OOM backoff
+            self._restore_data(client)
+            say(self.rank0, f"[train] resumed from {directory}/{tag}: step {client['step']}, "
+                f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
+            return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
+        return TrainState()
+
+    def _check_compatible(self, path: Path) -> dict[str, Any]:
+        info = ckpt.read_marker(path)
+        model = self.engine.model_config.to_dict()
+        saved = {k: v for k, v in info.get("model", {}).items() if k in ARCH_KEYS}
+        now = {k: v for k, v in model.items() if k in ARCH_KEYS}
+        if saved != now:
+            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+            raise ConfigError(f"checkpoint {path} holds a different model ({diff}, saved vs "
+                              "now); pass the --model it was trained with, or a new --output-dir")
+        changes = compare(info.get("run") or {}, self.run)
+        refused = [c for c in changes if c.kind == "refuse"]
+        if refused:
+            raise ConfigError(
+                f"checkpoint {path} was trained with {', '.join(str(c) for c in refused)} (before "
+                "-> now): its data position would point at other data; resume with the values "
+                "it started with, or start a new run in another --output-dir")
+        for c in changes if self.rank0 else ():
+            if c.kind == "warn":
+                logger.warning("run config changed since %s: %s; the run continues differently "
+                               "from here", path.name, c)
+            else:
+                logger.info("run config changed since %s: %s (no effect on the training)",
+                            path.name, c)
+        return info
+
+    def _restore_data(self, client: dict[str, Any]) -> None:
+        self.data.set_batch_size(self.engine.global_batch_size, self.engine.micro_batch_size)
+        self.data.load_state_dict(client["data"],
+                                  allow_shard_change=self.run.data.allow_shard_change)
+
+    def _resume_resharded(self, path: Path, info: dict[str, Any]) -> TrainState:
+        """Written under another layout: carry weights, Adam moments, step, LR schedule and
+        data position (reshard.py)."""
+        from argonne_ds import reshard
+
+        now = self.engine.layout()
+        was = ", ".join(f"{k} {info.get(k)}" for k in now if info.get(k) is not None)
+        say(self.rank0, f"[train] {path} was written with {was}; this job has "
+            f"{', '.join(f'{k} {v}' for k, v in now.items())}: converting it")
+        source = reshard.read_source(path, info)
+        t0 = time.perf_counter()
+        error = reshard.convert_once(source, self.rank0)
+        if error:  # every rank alike
+            raise ConfigError(error)
+        client = source.client
+        bundle = reshard.Bundle(path / reshard.UNIVERSAL, source.mode,
+                                self.engine.model_config.num_hidden_layers)
+        adam_step = self.engine.load_portable(bundle, fallback_step=int(client["global_steps"]))
+        took = format_duration(time.perf_counter() - t0)
+        self.engine.set_step(int(client["step"]), samples=client.get("global_samples"))
+        self._restore_data(client)
+        if client["data"].get("global_batch_size") != self.engine.global_batch_size:
+            logger.warning("the global batch changes from %s to %d samples with the new layout; "
+                           "data continues at sample %d", client["data"].get("global_batch_size"),
+                           self.engine.global_batch_size, self.data.samples)
+        say(self.rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
+            f"{client['tokens']:,} tokens, data sample {self.data.samples:,}; weights, Adam "
+            f"moments (step {adam_step}) and LR schedule carried (converted and loaded in {took})")
+        return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
+
+    # ---- an imported original run ---------------------------------------------------------
+    def carry_import(self, state: TrainState) -> TrainState:
+        """Weights came from an HF folder; an imported original checkpoint also carries its step
+        and tokens, so the LR schedule continues where it stopped, and its data position where
+        this shard list is the one it read."""
+        folder = self.run.train.from_hf
+        meta_path = Path(folder) / "argonne_import.json"
+        say(self.rank0, f"[train] starting from the weights of {folder}")
+        if not meta_path.is_file():
+            return state
+        meta = json.loads(meta_path.read_text())
+        step = int(meta.get("step") or 0)
+        self.engine.set_step(step)
+        say(self.rank0, f"[train] imported from {meta.get('source')}: step {step}, "
+            f"{meta.get('tokens', 0):,} tokens; LR schedule continues at step {step}; optimizer "
+            "moments restart (the original's are keyed by parameter index, not name)")
+        samples, how = self._translate_import_position(meta.get("data_position"))
+        if samples is None:
+            if self.rank0:
+                logger.warning("data position of the original NOT carried: %s; training starts "
+                               "at the first block of the data", how)
+        else:
+            self.data.seek(samples)
+            say(self.rank0, f"[train] data position of the original translated: {how}")
+        return TrainState(step, int(meta.get("tokens") or 0), state.run_id)
+
+    def _translate_import_position(self, pos: Any) -> tuple[int | None, str]:
+        from argonne_ds.convert.original import translate_position
+        from argonne_ds.data.discovery import discover_shards
+        from argonne_ds.data.tokenizer import make_encoder
+
+        data = self.run.data
+        if self.data.mode != "cache":
+            return None, "streaming mode (no --cache-dir) cannot seek to it"
+        if data.shuffle_window > 1:
+            return None, "--shuffle-window reorders the blocks, so no sample index matches it"
+        return translate_position(pos, self.data.cache_index.entries,
+                                  discover_shards(data.data_glob), data.text_column,
+                                  make_encoder(self.tok, data.encoder), data.block_size,
+                                  self.data.blocks_per_epoch)
+
+    # ---- save -------------------------------------------------------------------------------
+    def save(self, state: TrainState) -> None:
+        tag, model = ckpt.tag_for(state.step), self.engine.model_config.to_dict()
+        client = {"step": state.step, "tokens": state.tokens, "data": self.data.state_dict(),
+                  "model_config": model, "tokenizer_fingerprint": self.tok.fingerprint,
+                  "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
+                  "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
+                  "micro_batch_size": self.engine.micro_batch_size}
+        self.engine.save(self.directory, tag, client)
+        self.engine.barrier()  # every rank's files are on disk before the marker says "complete"
+        if self.rank0:
+            ckpt.write_marker(self.directory, tag, {
+                "step": state.step, "model": model, **self.engine.layout(),
+                "run": self.run.to_dict(), "tokenizer_path": os.path.abspath(self.tok.path),
+                "separator_id": self.tok.separator_id})
+            dropped = ckpt.rotate(self.directory, self.run.checkpoint.checkpoint_keep)
+            print(f"[checkpoint] saved {self.directory}/{tag}" +
+                  (f" (rotated out {', '.join(dropped)})" if dropped else ""), flush=True)
+        self.engine.barrier()
+
