@@ -53,7 +53,9 @@ class Checkpointer:
         given = self.run.checkpoint.checkpoint_path
         directory, tag = (ckpt.split_checkpoint_path(given) if given
                           else (self.directory, None))
-        candidates = [tag] if tag else ckpt.resume_candidates(directory)
+        # Rank 0 chooses, so every rank tries the same checkpoints in the same order.
+        candidates = self.engine.broadcast_object(
+            [tag] if tag else (ckpt.resume_candidates(directory) if self.rank0 else None))
         if given and not candidates:
             raise ConfigError(f"--checkpoint-path {given}: no complete checkpoint there")
         for tag in candidates:
@@ -102,7 +104,24 @@ class Checkpointer:
                             path.name, c)
         return info
 
+    def _check_global_batch(self, client: dict[str, Any]) -> None:
+        saved, now = client["data"].get("global_batch_size"), self.engine.global_batch_size
+        if saved not in (None, now):
+            if not self.run.train.allow_global_batch_change:
+                raise ConfigError(
+                    f"the checkpoint was trained with a global batch of {saved} samples, this job "
+                    f"makes {now} (micro-batch {self.engine.micro_batch_size} x accumulation "
+                    f"{self.engine.grad_accum} x {self.engine.dp_world} data-parallel ranks): pass "
+                    f"--global-batch-size {saved} to keep it (accumulation follows the layout), "
+                    "or --allow-global-batch-change to go on with the new one")
+            if self.rank0:
+                logger.warning("the global batch changes from %s to %d samples "
+                               "(--allow-global-batch-change); the data continues at sample %d, "
+                               "the LR schedule at step %d", saved, now,
+                               client["data"]["samples"], client["step"])
+
     def _restore_data(self, client: dict[str, Any]) -> None:
+        self._check_global_batch(client)
         self.data.set_batch_size(self.engine.global_batch_size, self.engine.micro_batch_size)
         self.data.load_state_dict(client["data"],
                                   allow_shard_change=self.run.data.allow_shard_change)
@@ -117,6 +136,7 @@ class Checkpointer:
         say(self.rank0, f"[train] {path} was written with {was}; this job has "
             f"{', '.join(f'{k} {v}' for k, v in now.items())}: converting it")
         source = reshard.read_source(path, info)
+        self._check_global_batch(source.client)  # before the conversion's minutes
         t0 = time.perf_counter()
         error = reshard.convert_once(source, self.rank0)
         if error:  # every rank alike
@@ -128,10 +148,6 @@ class Checkpointer:
         took = format_duration(time.perf_counter() - t0)
         self.engine.set_step(int(client["step"]), samples=client.get("global_samples"))
         self._restore_data(client)
-        if client["data"].get("global_batch_size") != self.engine.global_batch_size:
-            logger.warning("the global batch changes from %s to %d samples with the new layout; "
-                           "data continues at sample %d", client["data"].get("global_batch_size"),
-                           self.engine.global_batch_size, self.data.samples)
         say(self.rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
             f"{client['tokens']:,} tokens, data sample {self.data.samples:,}; weights, Adam "
             f"moments (step {adam_step}) and LR schedule carried (converted and loaded in {took})")

@@ -76,8 +76,9 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from argonne_ds.reliability import OutOfMemory
     from argonne_ds.run_config import resolve_run_config
-    from argonne_ds.trainer import OutOfMemory, train
+    from argonne_ds.trainer import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     run = resolve_run_config(args)

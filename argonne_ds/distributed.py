@@ -11,7 +11,10 @@ import importlib
 import os
 import socket
 import sys
+import time
+import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -86,3 +89,42 @@ def shutdown(code: int, clean: bool = True) -> NoReturn:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     os._exit(code)
+
+
+def check_shared_dirs(dirs: dict[str, str | None], wait_s: float = 20.0) -> None:
+    """Stop with a clear message unless every rank sees the same folders (the output directory,
+    the token cache): rank 0 writes a marker in each, every rank looks for it (waiting up to
+    `wait_s` for a network filesystem's caches), and all ranks compare notes. Checkpoints,
+    resume and rotation assume one shared output directory; a cache that is not shared would be
+    tokenized once per node, or read half-written."""
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    name = f".argonne-shared-{token[0]}"
+    wanted = {what: Path(path) for what, path in dirs.items() if path}
+    if dist.get_rank() == 0:
+        for path in wanted.values():
+            path.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text(socket.gethostname())
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    unseen = list(wanted)
+    while unseen and time.monotonic() < deadline:
+        unseen = [what for what in unseen if not (wanted[what] / name).is_file()]
+        if unseen:
+            time.sleep(0.5)
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), unseen))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for path in wanted.values():
+            (path / name).unlink(missing_ok=True)
+    for what, path in wanted.items():
+        blind = sorted({host for host, missing in views if what in missing})
+        if blind:
+            raise ValueError(
+                f"{what} {path} is not the same folder on every node: {', '.join(blind)} do not "
+                f"see what rank 0 ({views[0][0]}) wrote there; put it on a filesystem all nodes "
+                "share (checkpoints, resume and the token cache need one), e.g. an absolute "
+                "path on the cluster's shared storage")

@@ -40,8 +40,46 @@ def engine_mode(ds_config: dict[str, Any]) -> str:
     return "zero3" if stage == 3 else "data_parallel"
 
 
+def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int) -> tuple[int, list[str]]:
+    """Fix micro-batch, accumulation and global batch in `ds` for `dp` data-parallel ranks. The
+    global batch is the invariant (--global-batch-size, else the JSON's train_batch_size, else
+    its micro x accumulation x dp); accumulation is derived from it, unless given explicitly."""
+    json_micro = ds.get("train_micro_batch_size_per_gpu")
+    json_accum = ds.get("gradient_accumulation_steps")
+    json_total = ds.pop("train_batch_size", None)
+    micro = cfg.batch_size or json_micro or max(1, (json_total or 1) // ((json_accum or 1) * dp))
+    if cfg.gradient_accumulation_steps:
+        total = micro * cfg.gradient_accumulation_steps * dp
+        if cfg.global_batch_size and cfg.global_batch_size != total:
+            raise ConfigError(f"--global-batch-size {cfg.global_batch_size} disagrees with "
+                              f"--batch-size {micro} x --gradient-accumulation-steps "
+                              f"{cfg.gradient_accumulation_steps} x {dp} data-parallel ranks = "
+                              f"{total}; give one of them")
+    else:
+        total = cfg.global_batch_size or json_total or micro * (json_accum or 1) * dp
+    accum, rem = divmod(total, micro * dp)
+    if rem or accum < 1:
+        raise ConfigError(f"a global batch of {total} samples cannot be split into micro-batches "
+                          f"of {micro} on {dp} data-parallel ranks; choose a global batch that "
+                          f"is a multiple of {micro * dp} (--global-batch-size) or another "
+                          "--batch-size")
+    notes = []
+    if micro != json_micro:
+        notes.append(f"--batch-size {micro} overrides train_micro_batch_size_per_gpu={json_micro}")
+    if accum != json_accum:
+        how = ("--gradient-accumulation-steps" if cfg.gradient_accumulation_steps
+               else "the global batch")
+        was = "" if json_accum is None else f", the JSON said {json_accum}"
+        notes.append(f"gradient accumulation {accum} (from {how}{was}): global batch {total} = "
+                     f"micro-batch {micro} x {accum} x {dp} data-parallel ranks")
+    ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=accum)
+    return total, notes
+
+
 def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], int, list[str]]:
-    """The JSON with the run config applied; returns (config, max_steps, override notes)."""
+    """The JSON with the run config applied for `world_size` ranks; returns (config, max_steps,
+    notes on what differs from the JSON)."""
     cfg = run.train
     ds = read_ds_config(cfg.deepspeed_config)
     notes: list[str] = []
@@ -55,20 +93,11 @@ def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], 
             notes.append(f"{flag} {value} overrides {'.'.join(path)}={old}")
         node[path[-1]] = value
 
-    if cfg.batch_size:
-        override(["train_micro_batch_size_per_gpu"], cfg.batch_size, "--batch-size")
-    if cfg.gradient_accumulation_steps:
-        override(["gradient_accumulation_steps"], cfg.gradient_accumulation_steps,
-                 "--gradient-accumulation-steps")
     stages = int((ds.get("pipeline") or {}).get("stages", 1))
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
-    total = ds.pop("train_batch_size", None)  # derived: micro x accumulation x data parallel
-    if total and "train_micro_batch_size_per_gpu" not in ds:
-        ds["train_micro_batch_size_per_gpu"] = max(
-            1, total // (ds.get("gradient_accumulation_steps", 1) * (world_size // stages)))
-    global_batch = (ds.get("train_micro_batch_size_per_gpu", 1)
-                    * ds.get("gradient_accumulation_steps", 1) * (world_size // stages))
+    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages)
+    notes += batch_notes
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise ConfigError("give --max-steps or --max-tokens")
     max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / (global_batch * run.data.block_size))
@@ -87,4 +116,15 @@ def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], 
                 notes.append(f"--{cfg.precision} {'enables' if want else 'disables'} {kind} "
                              "(the JSON said otherwise)")
             ds.setdefault(kind, {})["enabled"] = want
+    if (ds.get("bf16") or {}).get("enabled"):
+        # Summed in bf16 (DeepSpeed's default for a bf16 model), gradients keep 8 bits of
+        # mantissa: over tens of micro-batches the small contributions vanish.
+        types = ds.setdefault("data_types", {})
+        if "grad_accum_dtype" not in types:
+            types["grad_accum_dtype"] = "fp32"
+            notes.append("bf16: gradients accumulate in fp32 (data_types.grad_accum_dtype; "
+                         "bf16 sums lose the small contributions over many micro-batches)")
+        elif types["grad_accum_dtype"] != "fp32":
+            notes.append(f"bf16 with data_types.grad_accum_dtype={types['grad_accum_dtype']} as "
+                         "the JSON asks: gradient sums lose precision over many micro-batches")
     return ds, max_steps, notes

@@ -25,7 +25,7 @@ from torch import nn
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.distributed import init_distributed
 from argonne_ds.ds_config import ConfigError, engine_mode
-from argonne_ds.model.model import ArgonneModel, RMSNorm, init_module
+from argonne_ds.model.model import ArgonneModel, RMSNorm, init_by_name, initial_value
 from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
 logger = logging.getLogger(__name__)
@@ -106,16 +106,18 @@ class Engine:
         elif self.mode == "zero3":
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = ArgonneModel(model_config)
-            self._init_partitioned(model)
         else:
             model = ArgonneModel(model_config)
         if init_state is not None:
             self._load_plain_state(model, init_state)
+        else:
+            self._init_by_name(model, seed)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
             config=self.ds_config)
         self.module = model
         start_scheduler(self.scheduler)
+        self._even_norm_collectives()
         self._fp32_norm: float | None = None
         if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
                 or self.engine.zero_optimization()):
@@ -128,6 +130,32 @@ class Engine:
                     max_norm=self.engine.gradient_clipping(), mpu=self.engine.mpu))
 
             self.engine.clip_fp32_gradients = clip_and_record
+
+    def _even_norm_collectives(self) -> None:
+        """ZeRO-1/2 computes the gradient norm once per parameter group, each time with an
+        all_reduce over the pipeline's model-parallel group, and DeepSpeed drops empty groups:
+        a stage that holds only the embedding (no decayed matrix) has one group where the others
+        have two, and the stages wait on each other for ever in the first step. Stages with
+        fewer groups add all_reduces of zero. The global norm (the square root of the sum of the
+        squared group norms, over all groups and stages) is unchanged; only which stage's group
+        is summed with which differs, and no single group's norm is used on its own."""
+        opt = self.engine.optimizer
+        if self.mode != "pipeline" or not hasattr(opt, "scaled_global_norm"):
+            return
+        groups = len(opt.bit16_groups)
+        missing = max(self.gather(groups)) - groups
+        if not missing:
+            return
+        inner = opt.scaled_global_norm
+
+        def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+            norm = inner(norm_type)
+            for _ in range(missing):
+                opt._model_parallel_all_reduce(tensor=torch.zeros((), device=self.device),
+                                               op=dist.ReduceOp.SUM)
+            return norm
+
+        opt.scaled_global_norm = scaled_global_norm
 
     def _load_plain_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if self.mode == "pipeline":
@@ -142,15 +170,23 @@ class Engine:
                     with torch.no_grad():
                         p.copy_(state[name].to(p.dtype))
 
-    def _init_partitioned(self, model: nn.Module) -> None:
-        """Under zero.Init the HF post_init ran on empty partitions: initialise each module with
-        its parameters gathered (rank 0 writes, the others receive)."""
-        for module in model.modules():
-            own = list(module.parameters(recurse=False))
-            if own:
-                with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
-                    if dist.get_rank() == 0:
-                        init_module(module, self.model_config)
+    def _init_by_name(self, model: nn.Module, seed: int) -> None:
+        """Every parameter from (seed, its plain name) alone: the same model in every layout.
+        Under zero.Init the partitions are gathered per module (rank 0 writes, the others
+        receive); elsewhere each rank sets the parameters it holds."""
+        if self.mode != "zero3":
+            init_by_name(model, self.model_config, seed, self._plain_name)
+            return
+        for prefix, module in model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0), \
+                    torch.no_grad():
+                if dist.get_rank() == 0:
+                    for local, p in own:
+                        name = f"{prefix}.{local}" if prefix else local
+                        p.copy_(initial_value(module, name, p.shape, self.model_config, seed))
 
     # ---- facts the trainer needs ----------------------------------------------------------
     @property
@@ -208,6 +244,12 @@ class Engine:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank (a decision one rank makes for all)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
     def barrier(self) -> None:
         dist.barrier()
@@ -307,8 +349,10 @@ class Engine:
                 nxt = torch.zeros(1, dtype=torch.long, device=self.engine.device)
                 if self.engine.is_last_stage():
                     nxt[0] = out[1][0, -1].argmax()
-                last = self.engine.grid.stage_to_global(self.engine.num_stages - 1)
-                dist.broadcast(nxt, src=last)
+                # Within this replica's pipeline: each data-parallel replica generates alike.
+                grid = self.engine.grid
+                dist.broadcast(nxt, src=grid.stage_to_global(self.engine.num_stages - 1),
+                               group=grid.get_pipe_parallel_group())
             else:
                 nxt = self.engine(window).logits[0, -1].argmax().reshape(1)
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)

@@ -90,10 +90,16 @@ class TrainConfig:
     from_hf: str | None = option(
         None, "start from this Hugging Face folder's weights and config (a checkpoint in "
         "--output-dir still takes precedence: resuming wins)")
-    batch_size: int | None = option(None, "micro-batch per GPU (overrides the JSON)",
-                                    on_resume="warn")
-    gradient_accumulation_steps: int | None = option(None, "overrides the JSON",
-                                                     on_resume="warn")
+    global_batch_size: int | None = option(
+        None, "samples per optimizer step over all ranks (default: the JSON's train_batch_size, "
+        "else its micro-batch x accumulation x data-parallel ranks); gradient accumulation is "
+        "derived for the layout at hand, so swapping the JSON keeps it")
+    batch_size: int | None = option(None, "micro-batch per GPU (overrides the JSON)")
+    gradient_accumulation_steps: int | None = option(
+        None, "fixes accumulation instead (the global batch then follows the rank count)")
+    allow_global_batch_change: bool = option(
+        False, "resume although the global batch differs from the checkpoint's (the data "
+        "continues at the same sample, the LR schedule at the same step)")
     learning_rate: float = option(3e-4, "peak learning rate", on_resume="warn")
     min_learning_rate: float = option(3e-5, "learning rate at the start of warmup and at the end",
                                       on_resume="warn")
@@ -111,8 +117,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "max_tokens",
-                     "min_micro_batch_size"):
+        for name in ("global_batch_size", "batch_size", "gradient_accumulation_steps",
+                     "max_steps", "max_tokens", "min_micro_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be positive, got {value}")

@@ -14,10 +14,9 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,32 +24,26 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from argonne_ds.checkpoint import CHECKPOINTS, resume_candidates
 from argonne_ds.checkpointer import Checkpointer, TrainState
-from argonne_ds.config import load_model_config
+from argonne_ds.config import ArgonneConfig, load_model_config
 from argonne_ds.data.loader import build_data_iterator
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
+from argonne_ds.distributed import check_shared_dirs, init_distributed
 from argonne_ds.ds_config import resolve_ds_config
 from argonne_ds.engine import Batch, Engine, StepResult
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
-from argonne_ds.run_config import RunConfig
+from argonne_ds.reliability import (
+    INJECT_OOM_ENV,
+    OutOfMemory,
+    StopFlag,
+    is_oom,
+    parse_injection,
+)
+from argonne_ds.run_config import DEFAULT_CACHE_DIR, RunConfig
 
 logger = logging.getLogger(__name__)
-# Tests: fake an OOM at these steps, e.g. "3" (once at step 3) or "3x3,7" (three tries at 3).
-INJECT_OOM_ENV = "ARGONNE_INJECT_OOM_AT_STEP"
-
-
-class OutOfMemory(RuntimeError):
-    pass
-
-
-def is_oom(e: BaseException | None) -> bool:
-    """CUDA OOM, or one wrapped by torch.compile/Dynamo (walk the cause chain)."""
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError | OutOfMemory) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 @dataclass
@@ -89,7 +82,7 @@ def train(run: RunConfig) -> int:
     job.bar = tqdm(total=job.max_steps, initial=state.step, disable=None if job.rank0 else True,
                    unit="step", dynamic_ncols=True)
     hooks = [ProgressLog(job), HeldOutEval(job), Sample(job)]
-    stop, inject = _StopFlag(), _parse_injection(os.environ.get(INJECT_OOM_ENV, ""))
+    stop, inject = StopFlag(), parse_injection(os.environ.get(INJECT_OOM_ENV, ""))
     while state.step < job.max_steps:
         before, recorder, t0 = data.state_dict(), _Recorder(data), time.perf_counter()
         engine.begin_step()
@@ -130,19 +123,23 @@ def train(run: RunConfig) -> int:
 
 def setup(run: RunConfig) -> Job:
     """Model config, DeepSpeed JSON, engine, data, resume, run config on disk, metrics."""
-    init_state = None
-    if run.train.from_hf:
-        from argonne_ds.convert.export import import_hf
-
-        model_config, init_state = import_hf(run.train.from_hf)
-    else:
-        model_config = load_model_config(run.train.model)
+    init_distributed()
+    model_config = _model_config(run)
     if run.data.block_size > model_config.max_position_embeddings:
         logger.warning("--block-size %d exceeds the model's context; using %d",
                        run.data.block_size, model_config.max_position_embeddings)
         run.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, max_steps, notes = resolve_ds_config(run, world)
+    dp = world // int((ds_config.get("pipeline") or {}).get("stages", 1))
+    if run.data.cache_dir is None and dp > 1:
+        # Streaming, every data-parallel rank would tokenize the whole stream to keep its share.
+        run.data.cache_dir = DEFAULT_CACHE_DIR
+        notes.append(f"no --cache-dir: the {dp} data-parallel ranks share a token cache in "
+                     f"{DEFAULT_CACHE_DIR}, built once, instead of each tokenizing the stream")
+    check_shared_dirs({"--output-dir": run.checkpoint.output_dir,
+                       "--cache-dir": run.data.cache_dir})
+    init_state = _initial_weights(run)
     engine = Engine(model_config, ds_config, run.train.weight_decay, run.train.seed, init_state)
     rank0 = engine.global_rank == 0
     for note in notes:
@@ -165,6 +162,25 @@ def setup(run: RunConfig) -> Job:
     sink = MetricsSink(out, state.run_id, resolved, enabled=rank0)
     state.run_id = sink.run_id
     return Job(run, engine, data, tok, checkpointer, sink, state, max_steps)
+
+
+def _model_config(run: RunConfig) -> ArgonneConfig:
+    if run.train.from_hf:
+        from argonne_ds.convert.export import hf_model_config
+
+        return hf_model_config(run.train.from_hf)
+    return load_model_config(run.train.model)
+
+
+def _initial_weights(run: RunConfig) -> Mapping[str, torch.Tensor] | None:
+    """With --from-hf, its weights, read lazily; none when a checkpoint will be resumed (it
+    would overwrite them) or without --from-hf (initialised from the seed)."""
+    out = Path(run.checkpoint.output_dir) / CHECKPOINTS
+    if not run.train.from_hf or run.checkpoint.checkpoint_path or resume_candidates(out):
+        return None
+    from argonne_ds.convert.export import import_hf
+
+    return import_hf(run.train.from_hf)[1]
 
 
 # ---- hooks: called after every step, on every rank (eval and samples run collectives) ----------
@@ -265,14 +281,6 @@ def _backoff(job: Job, before: dict[str, Any]) -> None:
             "order unchanged; retrying the step")
 
 
-def _parse_injection(spec: str) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for item in filter(None, spec.split(",")):
-        step, _, times = item.partition("x")
-        out[int(step)] = out.get(int(step), 0) + int(times or 1)
-    return out
-
-
 class _Recorder:
     """Passes batches through and fingerprints what this rank consumed: crc32 over each sample's
     tokens in order, so two runs compare block for block whatever their micro-batch size."""
@@ -288,13 +296,3 @@ class _Recorder:
         for xi, yi in zip(x.numpy(), y.numpy()):
             self.crc = zlib.crc32(yi.tobytes(), zlib.crc32(xi.tobytes(), self.crc))
         return x, y
-
-
-class _StopFlag:
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signum

@@ -79,13 +79,12 @@ kill -TERM "$train_pid"
 wait "$train_pid" || die "the interrupted run did not exit cleanly; see $LOG"
 sleep 0.5  # let the output filter catch up
 
-phase "4/5 Relaunch with --deepspeed_config $CONFIG_2: ZeRO-3, and gradient accumulation 2" \
-    "to keep the global batch on 2 data-parallel ranks. It finds the pipeline's checkpoint," \
-    "converts it (weights, Adam moments, learning-rate schedule, data position) and" \
-    "continues; it evaluates on held-out shard_12 every 100 steps and" \
+phase "4/5 Relaunch with --deepspeed_config $CONFIG_2: ZeRO-3, nothing else changed (the" \
+    "global batch stays 8: accumulation follows the 2 data-parallel ranks). It finds the" \
+    "pipeline's checkpoint, converts it (weights, Adam moments, learning-rate schedule, data" \
+    "position) and continues; it evaluates on held-out shard_12 every 100 steps and" \
     "ends with a greedy sample (a 9 M model after a few minutes mostly repeats frequent words)"
-bash launch/train.sh "$RUN" --deepspeed_config "$CONFIG_2" --gradient-accumulation-steps 2 \
-    > >(show) 2>&1 \
+bash launch/train.sh "$RUN" --deepspeed_config "$CONFIG_2" > >(show) 2>&1 \
     || die "the resumed run failed; see $LOG"
 sleep 0.5
 

@@ -15,8 +15,8 @@ from argonne_ds.config import ArgonneConfig
 from argonne_ds.ds_config import ConfigError, engine_mode, read_ds_config, resolve_ds_config
 from argonne_ds.engine import param_groups, start_scheduler
 from argonne_ds.model import ArgonneModel
+from argonne_ds.reliability import is_oom, parse_injection
 from argonne_ds.run_config import DataConfig, RunConfig, TrainConfig
-from argonne_ds.trainer import _parse_injection, is_oom
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
 EXPECTED_MODE = {"pipeline.json": "pipeline", "cpu_pipeline.json": "pipeline",
@@ -47,6 +47,9 @@ def test_shipped_config_loads_and_validates(path: Path) -> None:
     checked = DeepSpeedConfig(resolved, mpu=_OneRank())  # DeepSpeed's own parser and checks
     assert checked.train_micro_batch_size_per_gpu == ds["train_micro_batch_size_per_gpu"]
     assert resolved["scheduler"]["type"] == "WarmupCosineLR" and max_steps == 100
+    if ds.get("bf16", {}).get("enabled"):  # shipped explicitly, not only enforced
+        assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert ds["train_batch_size"] == resolved["train_batch_size"]  # the invariant, as written
     if path.name.startswith("cpu_"):
         assert not resolved.get("bf16", {}).get("enabled")
         assert resolved["optimizer"]["params"]["torch_adam"] is True
@@ -126,7 +129,7 @@ def test_oom_detection_walks_the_cause_chain() -> None:
     except BackendCompilerFailed as e:
         assert is_oom(e)
     assert not is_oom(ValueError("shape mismatch"))
-    assert _parse_injection("3x3,7") == {3: 3, 7: 1}
+    assert parse_injection("3x3,7") == {3: 3, 7: 1}
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> None:
@@ -148,3 +151,29 @@ def test_resume_candidates_and_rotation(tmp_path: Path) -> None:
     assert marker["step"] == 8 and marker["tag"] == "global_step8"
     assert ckpt.split_checkpoint_path(tmp_path / "global_step4") == (tmp_path, "global_step4")
     assert ckpt.split_checkpoint_path(tmp_path) == (tmp_path, None)
+
+
+def test_the_global_batch_is_the_invariant() -> None:
+    """The JSON's train_batch_size decides; accumulation is derived for the layout at hand, so
+    swapping pipeline <-> ZeRO-3 on the same ranks keeps the global batch."""
+    root = CONFIGS[0].parent
+
+    def shape(ds_name: str, world: int, **train) -> tuple[int, int, int]:
+        cfg = RunConfig(DataConfig(["x"]), TrainConfig(
+            deepspeed_config=str(root / ds_name), max_steps=10, **train))
+        ds, _, _ = resolve_ds_config(cfg, world_size=world)
+        return (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+                ds["gradient_accumulation_steps"])
+
+    assert shape("cpu_pipeline.json", 2) == (16, 4, 4)  # 2 stages: 1 data-parallel rank
+    assert shape("cpu_zero3.json", 2) == (16, 4, 2)  # 2 data-parallel ranks
+    assert shape("cpu_zero3.json", 4) == (16, 4, 1)
+    assert shape("zero3.json", 8) == shape("zero3.json", 8, global_batch_size=256)
+    assert shape("pipeline.json", 8, batch_size=2) == (256, 2, 64)  # 4 stages x 2 replicas
+    assert shape("cpu_zero3.json", 2, global_batch_size=8, batch_size=2) == (8, 2, 2)
+    # Accumulation given explicitly decides instead (the global batch follows the ranks).
+    assert shape("cpu_zero3.json", 2, gradient_accumulation_steps=3) == (24, 4, 3)
+    with pytest.raises(ConfigError, match="disagrees"):
+        shape("cpu_zero3.json", 2, gradient_accumulation_steps=3, global_batch_size=16)
+    with pytest.raises(ConfigError, match="cannot be split into micro-batches of 4 on 2"):
+        shape("cpu_zero3.json", 2, global_batch_size=12)

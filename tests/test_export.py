@@ -15,7 +15,7 @@ from argonne_ds.cli import main
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.convert.export import full_state, import_hf
 from argonne_ds.model import ArgonneModel
-from tests.train_helpers import MODEL, run, steps, train_cmd
+from tests.train_helpers import MODEL, ROOT, run, steps, train_cmd
 
 
 @pytest.mark.distributed
@@ -86,7 +86,8 @@ def test_training_continues_from_an_hf_folder_exactly(ws, tmp_path: Path) -> Non
     model.load_state_dict(full_state(tmp_path / "a" / "checkpoints", tag, info))
     data = DataConfig([ws["glob"]], cache_dir=ws["cache"], block_size=32,
                       fallback_vocab_size=512)
-    it, _ = build_data_iterator(data, global_batch_size=8, micro_batch_size=8,
+    batch = json.loads((ROOT / "ds_configs" / "cpu_pipeline.json").read_text())["train_batch_size"]
+    it, _ = build_data_iterator(data, global_batch_size=batch, micro_batch_size=batch,
                                 show_progress=False)
     x, y = next(it)
     with torch.no_grad():

@@ -33,23 +33,29 @@ def config_path(name: str, folder: Path) -> str:
     return str(folder / name)
 
 
-def args(ds_config: str, max_steps: int = N, save: int = SAVE) -> tuple[str, ...]:
+def args(ds_config: str, max_steps: int = N, save: int = SAVE, precision: str = "--fp32"
+         ) -> tuple[str, ...]:
     return ("--max-steps", str(max_steps), "--save-interval", str(save), "--shuffle-window", "8",
-            "--gradient-accumulation-steps", ACCUM[ds_config])
+            "--gradient-accumulation-steps", ACCUM[ds_config], precision)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize(("src", "dst"), [("cpu_pipeline.json", "cpu_zero3.json"),
-                                          ("cpu_zero3.json", "cpu_pipeline.json"),
-                                          ("cpu_zero3.json", "dp_stage0.json")])
-def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str) -> None:
+@pytest.mark.parametrize(("src", "dst", "precision"), [
+    ("cpu_pipeline.json", "cpu_zero3.json", "--fp32"),
+    ("cpu_zero3.json", "cpu_pipeline.json", "--fp32"),
+    ("cpu_zero3.json", "dp_stage0.json", "--fp32"),
+    # bf16 with fp32 gradient accumulation: the pipeline runs DeepSpeed's BF16_Optimizer
+    ("cpu_pipeline.json", "cpu_zero3.json", "--bf16"),
+])
+def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str,
+                                        precision: str) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     src_json, dst_json = config_path(src, tmp_path), config_path(dst, tmp_path)
-    run(train_cmd(ws, src_json, a, *args(src)))  # the reference: never changes layout
+    run(train_cmd(ws, src_json, a, *args(src, precision=precision)))  # never changes layout
     shutil.copytree(a / "checkpoints" / f"global_step{SAVE}",
                     b / "checkpoints" / f"global_step{SAVE}")
-    out = run(train_cmd(ws, dst_json, b, *args(dst))).stdout
+    out = run(train_cmd(ws, dst_json, b, *args(dst, precision=precision))).stdout
     assert f"global_step{SAVE} across layouts: step {SAVE}" in out, out
     assert f"Adam moments (step {SAVE})" in out
     assert (b / "checkpoints" / f"global_step{SAVE}" / reshard.UNIVERSAL / reshard.DONE).is_file()
@@ -63,7 +69,7 @@ def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str) 
             step, sa[step]["loss"], sb[step]["loss"])
     assert sa[N]["loss"] < sa[1]["loss"]
     # The resumed run's own checkpoint is native to its layout: a plain resume continues it.
-    run(train_cmd(ws, dst_json, b, *args(dst, max_steps=N + 2, save=2)))
+    run(train_cmd(ws, dst_json, b, *args(dst, max_steps=N + 2, save=2, precision=precision)))
     assert sorted(steps(b)) == list(range(SAVE + 1, N + 3))
 
 

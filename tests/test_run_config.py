@@ -176,6 +176,10 @@ def test_resume_compares_the_run_config(ws, tmp_path: Path) -> None:
     assert "data.block_size 32 -> 16" in str(err.value) and "new run" in str(err.value)
     assert (out / "run_config.yaml").read_text() == written  # nothing already written is lost
     assert max(steps(out)) == 4
+    with pytest.raises(AssertionError) as err:  # 2 ranks of ZeRO-3: accumulation 4 -> 32
+        run(train_cmd(ws, "cpu_zero3.json", out, "--max-steps", "6", "--global-batch-size", "32"))
+    assert "global batch of 16 samples, this job makes 32" in str(err.value)
+    assert "--global-batch-size 16" in str(err.value)
 
     cmd = train_cmd(ws, "cpu_zero3.json", out)
     base = cmd[:cmd.index("train") + 1]  # the launcher, then only the file and two flags

@@ -12,13 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.convert.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from argonne_ds.convert.hf import (
+    from_hf_state_dict,
+    hf_config,
+    hf_to_argonne_key,
+    to_hf_state_dict,
+)
 from argonne_ds.model.pipe import pipe_to_plain_key
 
 logger = logging.getLogger(__name__)
@@ -111,9 +117,9 @@ def write_hf_folder(state: dict[str, torch.Tensor], config: ArgonneConfig, out: 
     return out
 
 
-def import_hf(folder: str | Path) -> tuple[ArgonneConfig, dict[str, torch.Tensor]]:
-    """An exported (or any Llama/Mistral-shaped) HF folder -> (ArgonneConfig, plain state)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_model_config(folder: str | Path) -> ArgonneConfig:
+    """The ArgonneConfig of an exported (or any Llama/Mistral-shaped) HF folder."""
+    from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if hf.model_type not in ("llama", "mistral"):
@@ -121,7 +127,7 @@ def import_hf(folder: str | Path) -> tuple[ArgonneConfig, dict[str, torch.Tensor
     if getattr(hf, "sliding_window", None):
         raise ExportError(f"{folder}: sliding-window attention is not Argonne's full attention")
     rope = (getattr(hf, "rope_parameters", None) or {})
-    config = ArgonneConfig(
+    return ArgonneConfig(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
         num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
         num_key_value_heads=hf.num_key_value_heads,
@@ -129,6 +135,49 @@ def import_hf(folder: str | Path) -> tuple[ArgonneConfig, dict[str, torch.Tensor
         intermediate_size=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
         rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
         rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=hf.tie_word_embeddings)
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """Plain Argonne names -> fp32 tensors, each read from the folder's memory-mapped
+    safetensors files only when asked for: a pipeline stage reads its own layers, ZeRO-3's rank 0
+    one parameter at a time, so no rank holds a second whole copy of the model in host memory."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]  # hf name -> file
+        else:
+            with safe_open(str(folder / "model.safetensors"), "pt") as f:
+                files = dict.fromkeys(f.keys(), "model.safetensors")
+        self.where = {hf_to_argonne_key(k): (folder / file, k) for k, file in files.items()
+                      if "rotary_emb" not in k}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self.where[name]
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(key).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def import_hf(folder: str | Path) -> tuple[ArgonneConfig, Mapping[str, torch.Tensor]]:
+    """An exported (or any Llama/Mistral-shaped) HF folder -> (ArgonneConfig, plain state).
+    Safetensors folders are read lazily (LazyState); others through transformers."""
+    folder = Path(folder)
+    config = hf_model_config(folder)
+    if (folder / "model.safetensors.index.json").is_file() or (
+            folder / "model.safetensors").is_file():
+        return config, LazyState(folder)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                  dtype=torch.float32)
     return config, from_hf_state_dict(model.state_dict())

@@ -11,8 +11,10 @@ a second time inside the model, silently training on t+2; here the model never s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +214,39 @@ def init_module(module: nn.Module, config: ArgonneConfig) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=std)
     elif isinstance(module, RMSNorm):
         nn.init.ones_(module.weight)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one parameter, from the run's seed and the parameter's plain name."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def initial_value(module: nn.Module, name: str, shape: torch.Size, config: ArgonneConfig,
+                  seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (its plain-model name, e.g. `blocks.3.attn.q_proj.
+    weight`) owned by `module`: init_module's distributions, drawn from a CPU generator seeded
+    by (seed, name) alone. So a parameter starts the same whatever the layout builds around it
+    (a pipeline of any stage count, ZeRO-3 partitions, one process), and no two blocks start
+    alike (seeding every rank alike and drawing in build order gave stages equal weights)."""
+    if isinstance(module, RMSNorm) or name.endswith(".bias"):
+        return torch.ones(shape) if isinstance(module, RMSNorm) else torch.zeros(shape)
+    std = config.initializer_range
+    if getattr(module, "is_residual_proj", False):
+        std = std / math.sqrt(2 * config.num_hidden_layers)
+    gen = torch.Generator().manual_seed(name_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+@torch.no_grad()
+def init_by_name(root: nn.Module, config: ArgonneConfig, seed: int,
+                 plain_name: Callable[[str], str] = lambda n: n) -> None:
+    """Set every parameter of `root` to `initial_value` (`plain_name` maps the names `root`
+    uses, e.g. a pipeline stage's `"<layer>.<path>"`, to the plain model's)."""
+    for prefix, module in root.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            name = plain_name(f"{prefix}.{local}" if prefix else local)
+            p.copy_(initial_value(module, name, p.shape, config, seed))
 
 
 class ArgonnePreTrainedModel(PreTrainedModel):

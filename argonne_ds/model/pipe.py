@@ -154,9 +154,9 @@ def pipe_to_plain_state(
 def load_plain_state_into_pipe(module: PipelineModule, state: Mapping[str, torch.Tensor],
                                num_layers: int) -> None:
     """Copy the plain model's weights into this stage's layers (each stage takes its own keys)."""
-    pipe_state = plain_to_pipe_state(state, num_layers)
-    own = module.state_dict()
-    missing = [k for k in own if k not in pipe_state]
+    plain = {plain_to_pipe_key(k, num_layers): k for k in state}  # names only: `state` may
+    own = module.state_dict()  # read lazily, and a stage needs its own layers alone
+    missing = [k for k in own if k not in plain]
     if missing:
         raise KeyError(f"plain state lacks pipeline parameters {missing[:5]}")
-    module.load_state_dict({k: pipe_state[k] for k in own}, strict=True)
+    module.load_state_dict({k: state[plain[k]] for k in own}, strict=True)

@@ -1,0 +1,45 @@
+"""What keeps a long job alive: out-of-memory detection (and a test hook that fakes one), and the
+stop flag that turns SIGTERM/SIGUSR1 into "finish the step, save, exit 0"."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+# Test hook, off by default: fake an OOM at these steps, e.g. "3" (once at step 3) or "3x3,7"
+# (three tries at step 3, then once at 7).
+INJECT_OOM_ENV = "ARGONNE_INJECT_OOM_AT_STEP"
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+def is_oom(e: BaseException | None) -> bool:
+    """CUDA OOM, or one wrapped by torch.compile/Dynamo (walk the cause chain)."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError | OutOfMemory) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def parse_injection(spec: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for item in filter(None, spec.split(",")):
+        step, _, times = item.partition("x")
+        out[int(step)] = out.get(int(step), 0) + int(times or 1)
+    return out
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1; the loop checks it (on every rank alike) after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
