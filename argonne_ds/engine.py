@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ class Engine:
 
         opt.scaled_global_norm = scaled_global_norm
 
-    def _load_plain_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def _load_plain_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         if self.mode == "pipeline":
             load_plain_state_into_pipe(model, state, self.model_config.num_hidden_layers)
             return
