@@ -130,6 +130,9 @@ def wandb_mode(env: Mapping[str, str], netrc_path: Path | None = None) -> tuple[
     return "offline", f"no WANDB_API_KEY and no key for {' or '.join(hosts)} in {path}"
 
 
+STEP_METRIC = "train/step"
+
+
 class MetricsSink:
     """Rank 0 only: every record goes to output_dir/metrics.jsonl (always) and to wandb (mode from
     `wandb_mode`: WANDB_MODE, else online with credentials, else offline)."""
@@ -158,6 +161,11 @@ class MetricsSink:
             except Exception as e:  # noqa: BLE001 - metrics must never kill training
                 logger.warning("wandb unavailable (%s); metrics go to %s only", e, self.path)
             else:
+                # Charts run on the training step as a metric, not on wandb's own step: a job
+                # resumed from an earlier checkpoint (a rollback, a replay after a crash) logs
+                # steps it logged before, which wandb drops when given as its step.
+                self.wandb.define_metric(STEP_METRIC)
+                self.wandb.define_metric("*", step_metric=STEP_METRIC)
                 if mode == "offline" and not os.environ.get("WANDB_MODE"):
                     logger.info("wandb is offline: %s. To log online run `wandb login` (or set "
                                 "WANDB_API_KEY) before training; to upload this run later: "
@@ -168,14 +176,13 @@ class MetricsSink:
             return
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            step = record.get("step")
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)
-                            and k != "step"}, step=step)
+            self.wandb.log({**{k: v for k, v in record.items() if isinstance(v, int | float)
+                               and k != "step"}, STEP_METRIC: record.get("step")})
 
     def text(self, step: int, key: str, text: str) -> None:
         self.log({"step": step, "event": key, key: text})
         if self.wandb is not None:
-            self.wandb.log({key: text}, step=step)
+            self.wandb.log({key: text, STEP_METRIC: step})
 
     def close(self) -> None:
         if not self.enabled:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from argonne_ds.metrics import MetricsSink, wandb_mode
+from argonne_ds.metrics import STEP_METRIC, MetricsSink, wandb_mode
 
 WANDB_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL",
              "WANDB_DIR", "WANDB_CONFIG_DIR", "NETRC")
@@ -30,9 +31,19 @@ def _run_config(wandb_file: Path) -> dict[str, Any]:
     files/config.yaml only when it uploads (online or `wandb sync`). The file is a LevelDB log
     (32 KiB blocks of chunks with 7-byte headers) after wandb's 7-byte header; each record is a
     wandb Record protobuf."""
+    config: dict[str, Any] = {}
+    for record in _records(wandb_file):
+        kind_name = record.WhichOneof("record_type")
+        items = (record.run.config.update if kind_name == "run" else
+                 record.config.update if kind_name == "config" else [])
+        config.update({i.key: json.loads(i.value_json) for i in items})
+    return config
+
+
+def _records(wandb_file: Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, block, pending, config = wandb_file.read_bytes(), 7, 32768, b"", {}
+    data, pos, block, pending = wandb_file.read_bytes(), 7, 32768, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's last bytes are padding
             pos += block - pos % block
@@ -41,12 +52,17 @@ def _run_config(wandb_file: Path) -> dict[str, Any]:
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
-            record, pending = pb.Record.FromString(pending), b""
-            kind_name = record.WhichOneof("record_type")
-            items = (record.run.config.update if kind_name == "run" else
-                     record.config.update if kind_name == "config" else [])
-            config.update({i.key: json.loads(i.value_json) for i in items})
-    return config
+            yield pb.Record.FromString(pending)
+            pending = b""
+
+
+def _history(wandb_file: Path) -> list[dict[str, Any]]:
+    rows = []
+    for record in _records(wandb_file):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in record.history.item})
+    return rows
 
 
 @pytest.mark.parametrize("mode", ["disabled", "offline", "online"])
@@ -113,3 +129,24 @@ def test_offline_run_keeps_config_and_says_how_to_sync(tmp_path: Path,
     assert len(lines) == 1 and f"wandb sync {runs[0]}" in lines[0]
     assert "wandb login" in lines[0] and "WANDB_API_KEY" in lines[0]
     assert "WANDB_MODE" not in os.environ  # decided per run, not set for the whole process
+
+
+def test_a_replayed_step_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job resumed from an earlier checkpoint logs steps again: they go to wandb with the
+    training step as a metric (charts use it as their x-axis), not as wandb's own step, which
+    must only grow (wandb drops a point logged at a step below its last)."""
+    import wandb
+
+    for name in WANDB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sink = MetricsSink(tmp_path, "run0002", {})
+    for step in (1, 2, 3, 4, 3, 4, 5):  # a rollback to step 2's checkpoint, in one run here
+        sink.log({"step": step, "loss": 10.0 - step})
+    sink.close()
+    wandb.teardown()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*-run0002")
+    rows = [r for r in _history(run_dir / "run-run0002.wandb") if "loss" in r]
+    assert [r[STEP_METRIC] for r in rows] == [1, 2, 3, 4, 3, 4, 5]  # none dropped
+    assert [r["_step"] for r in rows] == sorted(r["_step"] for r in rows)
