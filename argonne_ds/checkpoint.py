@@ -1,10 +1,12 @@
 """Checkpoint bookkeeping around DeepSpeed's own save/load: which checkpoints are complete, which
 one to resume, rotation. No DeepSpeed import here.
 
-A DeepSpeed checkpoint is a folder `<dir>/global_step<N>/` written by every rank. It counts as
-complete only once `argonne_complete.json` exists in it: rank 0 writes that marker last, after a
-barrier that every rank reaches only when its own files are on disk. A job killed mid-save leaves
-a folder without the marker, which resume skips and rotation removes.
+A DeepSpeed checkpoint is a folder `<dir>/global_step<N>/` written by every rank. It is written
+as `global_step<N>.partial/`; once every rank's files are on disk (a barrier), rank 0 writes the
+marker `argonne_complete.json` into it and renames it to `global_step<N>` (`publish`). So a
+`global_step<N>` folder is complete the moment it exists, a job killed mid-save leaves only a
+`.partial` folder that resume ignores and the next save or rotation removes, and saving over an
+existing tag (after a rollback) never shows a half-written folder under its name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 MARKER = "argonne_complete.json"
 TAG_RE = re.compile(r"global_step(\d+)")
+STAGING = ".partial"  # a save in progress: global_step<N>.partial
+REPLACED = ".replaced"  # the previous global_step<N> while a save over it is being published
+LEFTOVER_RE = re.compile(r"global_step\d+(\.partial|\.replaced)")
 
 
 def tag_for(step: int) -> str:
@@ -32,11 +37,40 @@ def step_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def write_marker(directory: Path, tag: str, info: dict[str, Any]) -> None:
-    path = Path(directory) / tag / MARKER
+def write_marker(directory: Path, tag: str, info: dict[str, Any], folder: str | None = None
+                 ) -> None:
+    """The completion marker of checkpoint `tag`, in `folder` (default: the tag's own)."""
+    path = Path(directory) / (folder or tag) / MARKER
     tmp = path.with_name(MARKER + ".tmp")
     tmp.write_text(json.dumps({**info, "tag": tag, "time": time.time()}, indent=1))
     os.replace(tmp, path)
+
+
+def staging_tag(tag: str) -> str:
+    return tag + STAGING
+
+
+def publish(directory: Path, tag: str, info: dict[str, Any]) -> None:
+    """Mark the staged save of `tag` complete and make it visible under its name: a rename,
+    replacing an older checkpoint of the same tag (which is moved aside first, then deleted)."""
+    directory = Path(directory)
+    write_marker(directory, tag, info, folder=staging_tag(tag))
+    final, old = directory / tag, directory / (tag + REPLACED)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(directory / staging_tag(tag), final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(directory: Path, tags: list[str]) -> Path:
+    """Move checkpoints out of the resume candidates (a branch abandoned by a rollback), kept in
+    `abandoned-<time>/` rather than deleted."""
+    aside = Path(directory) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for tag in tags:
+        os.replace(Path(directory) / tag, aside / tag)
+    return aside
 
 
 def list_tags(directory: Path) -> tuple[list[str], list[str]]:
@@ -118,6 +152,7 @@ def rotate(directory: Path, keep: int) -> list[str]:
     complete, incomplete = list_tags(directory)
     newest = step_of(complete[-1]) if complete else -1
     doomed = complete[:-keep] + [t for t in incomplete if (step_of(t) or 0) < newest]
+    doomed += [p.name for p in Path(directory).iterdir() if LEFTOVER_RE.fullmatch(p.name)]
     for tag in doomed:
         shutil.rmtree(Path(directory) / tag, ignore_errors=True)
     return doomed

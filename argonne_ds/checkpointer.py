@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine import Engine
 from argonne_ds.metrics import format_duration, say
+from argonne_ds.reliability import slow_save_hook
 from argonne_ds.run_config import ConfigError, RunConfig, compare
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,9 @@ class Checkpointer:
             info = self._check_compatible(directory / tag)
             # Keys an older marker lacks (None) are not counted as changes.
             if any(info.get(k) not in (None, v) for k, v in self.engine.layout().items()):
-                return self._resume_resharded(directory / tag, info)
+                state = self._resume_resharded(directory / tag, info)
+                self._abandon_later(directory, tag)
+                return state
             try:
                 client, ok = self.engine.load(directory, tag), True
             except Exception as e:  # noqa: BLE001 - a corrupt checkpoint: fall back
@@ -71,6 +75,7 @@ class Checkpointer:
                 client, ok = {}, False
             if not self.engine.all_ranks(ok):  # all ranks resume from the same one
                 continue
+            self._abandon_later(directory, tag)
             if client.get("micro_batch_size") not in (None, self.engine.micro_batch_size):
                 self.engine.set_micro_batch_size(client["micro_batch_size"])  # an OOM backoff
             self._restore_data(client)
@@ -78,6 +83,19 @@ class Checkpointer:
                 f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
             return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
         return TrainState()
+
+    def _abandon_later(self, directory: Path, tag: str) -> None:
+        """Resuming this run from an earlier checkpoint (a rollback, or a newer one that would
+        not load): its later checkpoints belong to a branch that is over, and must not win the
+        next automatic resume nor be rotated in place of the new branch's."""
+        if Path(directory).resolve() != self.directory.resolve():
+            return
+        later = [t for t in ckpt.list_tags(directory)[0] if ckpt.step_of(t) > ckpt.step_of(tag)]
+        if later and self.rank0:
+            aside = ckpt.set_aside(directory, later)
+            logger.warning("resuming from %s: the later checkpoints %s of this run are set "
+                           "aside in %s", tag, ", ".join(later), aside)
+        self.engine.barrier()
 
     def _check_compatible(self, path: Path) -> dict[str, Any]:
         info = ckpt.read_marker(path)
@@ -202,10 +220,15 @@ class Checkpointer:
                   "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
                   "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
                   "micro_batch_size": self.engine.micro_batch_size}
-        self.engine.save(self.directory, tag, client)
-        self.engine.barrier()  # every rank's files are on disk before the marker says "complete"
+        staged = self.directory / ckpt.staging_tag(tag)
+        if self.rank0:  # a save of this tag interrupted earlier
+            shutil.rmtree(staged, ignore_errors=True)
+        self.engine.barrier()
+        self.engine.save(self.directory, staged.name, client)
+        slow_save_hook(state.step)
+        self.engine.barrier()  # every rank's files are on disk before it is published
         if self.rank0:
-            ckpt.write_marker(self.directory, tag, {
+            ckpt.publish(self.directory, tag, {
                 "step": state.step, "model": model, **self.engine.layout(),
                 "run": self.run.to_dict(), "tokenizer_path": os.path.abspath(self.tok.path),
                 "separator_id": self.tok.separator_id})

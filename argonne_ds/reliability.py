@@ -3,13 +3,26 @@ stop flag that turns SIGTERM/SIGUSR1 into "finish the step, save, exit 0"."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import torch
 
 # Test hook, off by default: fake an OOM at these steps, e.g. "3" (once at step 3) or "3x3,7"
 # (three tries at step 3, then once at 7).
 INJECT_OOM_ENV = "ARGONNE_INJECT_OOM_AT_STEP"
+
+
+# Test hook, off by default: "STEP:SECONDS" sleeps SECONDS inside the save of step STEP, after
+# every rank wrote its files and before the checkpoint is published (to kill a job mid-save).
+SLOW_SAVE_ENV = "ARGONNE_INJECT_SLOW_SAVE"
+
+
+def slow_save_hook(step: int) -> None:
+    at, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
+    if at and int(at) == step:
+        time.sleep(float(seconds or 60))
 
 
 class OutOfMemory(RuntimeError):

@@ -56,6 +56,7 @@ class Source:
     mode: str
     world_size: int
     client: dict[str, Any]
+    stamp: Any = None  # the marker's time: which save a universal/ folder was converted from
 
 
 def read_source(path: Path, info: dict[str, Any]) -> Source:
@@ -66,7 +67,18 @@ def read_source(path: Path, info: dict[str, Any]) -> Source:
     # mmap: a data-parallel checkpoint holds the whole model here; only the small keys are read.
     blob = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
     client = {k: v for k, v in blob.items() if k not in ("module", "optimizer")}
-    return Source(path, str(info.get("mode")), int(info.get("world_size") or 0), client)
+    return Source(path, str(info.get("mode")), int(info.get("world_size") or 0), client,
+                  info.get("time"))
+
+
+def converted(source: Source) -> bool:
+    """Whether `<source>/universal` is a finished conversion of this very save (a checkpoint
+    saved again under the same tag keeps no stale conversion)."""
+    done = source.path / UNIVERSAL / DONE
+    try:
+        return json.loads(done.read_text()).get("source_stamp") == source.stamp
+    except (OSError, ValueError):
+        return False
 
 
 def convert_once(source: Source, rank0: bool, timeout_s: float = 3 * 3600) -> str | None:
@@ -81,7 +93,7 @@ def convert_once(source: Source, rank0: bool, timeout_s: float = 3 * 3600) -> st
         except ReshardError as e:
             failed.write_text(str(e))
     deadline = time.monotonic() + timeout_s + 60
-    while not rank0 and not (source.path / UNIVERSAL / DONE).is_file() and not failed.is_file():
+    while not rank0 and not converted(source) and not failed.is_file():
         if time.monotonic() > deadline:
             return f"{source.path}: rank 0 did not finish converting it in {timeout_s:.0f} s"
         time.sleep(1.0)
@@ -92,7 +104,7 @@ def to_universal(source: Source, timeout_s: float = 3 * 3600) -> Path:
     """Convert the source checkpoint with DeepSpeed's ds_to_universal, once: reused when an
     earlier resume already converted it."""
     out = source.path / UNIVERSAL
-    if (out / DONE).is_file():
+    if converted(source):
         return out
     if not list(source.path.glob("*optim_states.pt")):
         raise ReshardError(
@@ -118,7 +130,8 @@ def to_universal(source: Source, timeout_s: float = 3 * 3600) -> Path:
         raise ReshardError(f"DeepSpeed's ds_to_universal could not convert {source.path} "
                            f"(exit {proc.returncode}):\n{tail}")
     (tmp / DONE).write_text(json.dumps({"source_mode": source.mode,
-                                        "source_world_size": source.world_size}))
+                                        "source_world_size": source.world_size,
+                                        "source_stamp": source.stamp}))
     os.replace(tmp, out)
     return out
 
