@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from argonne_ds.data import DataError
-from argonne_ds.data.cache import build_lock, prepare_cache
+from argonne_ds.data.cache import build_lock, load_cache
 from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list_fingerprint
 from argonne_ds.data.shards import no_good_shards_error, open_shard
 from argonne_ds.data.tokenizer import (
@@ -71,16 +71,19 @@ def build_data_iterator(
     logger.info("data: %s", describe_plan(shards))
     tok = resolve_tokenizer(cfg, shards, model_vocab_size)
     if cfg.cache_dir:
-        index = prepare_cache(shards, tok, cfg.cache_dir, cfg.text_column, cfg.on_bad_shard,
-                              cfg.encoder, show_progress=show_progress)
+        # A complete cache: its index, read without a lock (start-up does not grow with ranks).
+        index = load_cache(shards, tok, cfg.cache_dir, cfg.text_column, cfg.on_bad_shard,
+                           cfg.encoder, show_progress=show_progress)
         source: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, cfg.seed,
                                                              cfg.shuffle_window)
+        shard_list = index.shard_list  # = shard_list_fingerprint(shards), checked on load
     else:
         source = StreamedBlocks(usable_shards(cfg, shards), cfg.text_column,
                                 make_encoder(tok, cfg.encoder), cfg.block_size, cfg.seed,
                                 cfg.shuffle_window, skip_bad=cfg.on_bad_shard == "skip")
+        shard_list = shard_list_fingerprint(shards)
     fingerprint = {
-        "shards": shard_list_fingerprint(shards), "tokenizer": tok.fingerprint,
+        "shards": shard_list, "tokenizer": tok.fingerprint,
         "separator": tok.separator_id, "text_column": cfg.text_column,
         "block_size": cfg.block_size, "seed": cfg.seed, "shuffle_window": cfg.shuffle_window,
     }

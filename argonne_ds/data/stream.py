@@ -58,7 +58,7 @@ class CachedBlocks:
 
     def __init__(self, index: CacheIndex, block_size: int, seed: int, shuffle_window: int) -> None:
         self.index = index
-        self.store = TokenStore(index.token_paths())
+        self.store = TokenStore(*index.token_files())  # lengths from the index: no stat
         self.T = block_size
         self.n_epoch = (len(self.store) - 1) // block_size
         if self.n_epoch < 1:
