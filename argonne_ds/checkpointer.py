@@ -75,10 +75,10 @@ class Checkpointer:
                 client, ok = {}, False
             if not self.engine.all_ranks(ok):  # all ranks resume from the same one
                 continue
-            self._abandon_later(directory, tag)
             if client.get("micro_batch_size") not in (None, self.engine.micro_batch_size):
                 self.engine.set_micro_batch_size(client["micro_batch_size"])  # an OOM backoff
             self._restore_data(client)
+            self._abandon_later(directory, tag)  # only once the resume can no longer fail
             say(self.rank0, f"[train] resumed from {directory}/{tag}: step {client['step']}, "
                 f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
             return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
