@@ -42,7 +42,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from argonne_ds.run_config import DEFAULT_CACHE_DIR, DataConfig, load_file
+    from argonne_ds.run_config import load_file
 
     values = {**load_file(args.config)["data"], **given(args, DataConfig)} if args.config \
         else given(args, DataConfig)
@@ -130,7 +130,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from argonne_ds.evaluate import evaluate
     from argonne_ds.generate import load_for_generation
-    from argonne_ds.run_config import DataConfig
 
     model, tok = load_for_generation(args.model_path, args.checkpoint)
     data = DataConfig(**given(args, DataConfig), tokenizer_path=tok.name_or_path)

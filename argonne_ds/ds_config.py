@@ -15,7 +15,8 @@ from typing import Any
 
 from argonne_ds.run_config import ConfigError, RunConfig
 
-__all__ = ["ConfigError", "engine_mode", "read_ds_config", "resolve_ds_config"]
+__all__ = ["ConfigError", "engine_mode", "pipeline_stages", "read_ds_config",
+           "resolve_ds_config"]
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
@@ -26,6 +27,11 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+
+
+def pipeline_stages(ds_config: dict[str, Any]) -> int:
+    """Pipeline stages the JSON asks for (1: no pipeline)."""
+    return int((ds_config.get("pipeline") or {}).get("stages", 1))
 
 
 def engine_mode(ds_config: dict[str, Any]) -> str:
@@ -93,7 +99,7 @@ def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], 
             notes.append(f"{flag} {value} overrides {'.'.join(path)}={old}")
         node[path[-1]] = value
 
-    stages = int((ds.get("pipeline") or {}).get("stages", 1))
+    stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
     global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages)

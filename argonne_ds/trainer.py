@@ -31,7 +31,7 @@ from argonne_ds.data.loader import build_data_iterator
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.distributed import check_shared_dirs, init_distributed
-from argonne_ds.ds_config import resolve_ds_config
+from argonne_ds.ds_config import pipeline_stages, resolve_ds_config
 from argonne_ds.engine import Batch, Engine, StepResult
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
 from argonne_ds.reliability import (
@@ -131,7 +131,7 @@ def setup(run: RunConfig) -> Job:
         run.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config, max_steps, notes = resolve_ds_config(run, world)
-    dp = world // int((ds_config.get("pipeline") or {}).get("stages", 1))
+    dp = world // pipeline_stages(ds_config)
     if run.data.cache_dir is None and dp > 1:
         # Streaming, every data-parallel rank would tokenize the whole stream to keep its share.
         run.data.cache_dir = DEFAULT_CACHE_DIR
