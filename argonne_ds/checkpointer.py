@@ -25,11 +25,13 @@ from argonne_ds import checkpoint as ckpt
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine import Engine
+from argonne_ds.faults import slow_save
 from argonne_ds.metrics import format_duration, say
-from argonne_ds.reliability import slow_save_hook
 from argonne_ds.run_config import ConfigError, RunConfig, compare
 
 logger = logging.getLogger(__name__)
+# What deepspeed's launch.py (and Slurm's default KillWait) gives ranks between SIGTERM and SIGKILL.
+SIGTERM_GRACE_S = 30
 # What makes two models the same for a resume (the rest of the config may change).
 ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "intermediate_size", "tie_word_embeddings")
@@ -40,6 +42,12 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     run_id: str | None = None
+    guard: dict[str, Any] | None = None  # the bad-step guard's window and counts
+
+
+def _state(client: dict[str, Any]) -> TrainState:
+    return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"),
+                      client.get("guard"))
 
 
 class Checkpointer:
@@ -49,6 +57,7 @@ class Checkpointer:
         self.resolved = resolved
         self.directory = Path(run.checkpoint.output_dir) / ckpt.CHECKPOINTS
         self.rank0 = engine.global_rank == 0
+        self._warned_slow = False
 
     # ---- resume -------------------------------------------------------------------------------
     def resume(self) -> TrainState:
@@ -75,13 +84,11 @@ class Checkpointer:
                 client, ok = {}, False
             if not self.engine.all_ranks(ok):  # all ranks resume from the same one
                 continue
-            if client.get("micro_batch_size") not in (None, self.engine.micro_batch_size):
-                self.engine.set_micro_batch_size(client["micro_batch_size"])  # an OOM backoff
             self._restore_data(client)
             self._abandon_later(directory, tag)  # only once the resume can no longer fail
             say(self.rank0, f"[train] resumed from {directory}/{tag}: step {client['step']}, "
                 f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
-            return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
+            return _state(client)
         return TrainState()
 
     def _abandon_later(self, directory: Path, tag: str) -> None:
@@ -169,7 +176,7 @@ class Checkpointer:
         say(self.rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
             f"{client['tokens']:,} tokens, data sample {self.data.samples:,}; weights, Adam "
             f"moments (step {adam_step}) and LR schedule carried (converted and loaded in {took})")
-        return TrainState(client["step"], client["tokens"], client.get("wandb_run_id"))
+        return _state(client)
 
     # ---- an imported original run ---------------------------------------------------------
     def carry_import(self, state: TrainState) -> TrainState:
@@ -213,27 +220,44 @@ class Checkpointer:
                                   self.data.blocks_per_epoch)
 
     # ---- save -------------------------------------------------------------------------------
+    def newest(self) -> str | None:
+        """The newest complete checkpoint of this run, for messages."""
+        complete = ckpt.list_tags(self.directory)[0]
+        return str(self.directory / complete[-1]) if complete else None
+
     def save(self, state: TrainState) -> None:
         tag, model = ckpt.tag_for(state.step), self.engine.model_config.to_dict()
         client = {"step": state.step, "tokens": state.tokens, "data": self.data.state_dict(),
                   "model_config": model, "tokenizer_fingerprint": self.tok.fingerprint,
                   "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
                   "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
-                  "micro_batch_size": self.engine.micro_batch_size}
+                  "micro_batch_size": self.engine.micro_batch_size, "guard": state.guard}
         staged = self.directory / ckpt.staging_tag(tag)
         if self.rank0:  # a save of this tag interrupted earlier
             shutil.rmtree(staged, ignore_errors=True)
         self.engine.barrier()
+        t0 = time.perf_counter()
         self.engine.save(self.directory, staged.name, client)
-        slow_save_hook(state.step)
+        slow_save(state.step)
         self.engine.barrier()  # every rank's files are on disk before it is published
+        took = time.perf_counter() - t0
         if self.rank0:
             ckpt.publish(self.directory, tag, {
                 "step": state.step, "model": model, **self.engine.layout(),
                 "run": self.run.to_dict(), "tokenizer_path": os.path.abspath(self.tok.path),
                 "separator_id": self.tok.separator_id})
             dropped = ckpt.rotate(self.directory, self.run.checkpoint.checkpoint_keep)
-            print(f"[checkpoint] saved {self.directory}/{tag}" +
-                  (f" (rotated out {', '.join(dropped)})" if dropped else ""), flush=True)
+            size = sum(f.stat().st_size for f in (self.directory / tag).iterdir())
+            print(f"[checkpoint] saved {self.directory}/{tag} in {took:.1f} s ({size / 1e9:.2f} "
+                  "GB)" + (f", rotated out {', '.join(dropped)}" if dropped else ""), flush=True)
+            if took > SIGTERM_GRACE_S and not self._warned_slow:
+                self._warned_slow = True
+                logger.warning(
+                    "a save takes %.0f s, more than the %d s a scheduler or the deepspeed "
+                    "launcher leaves between SIGTERM and SIGKILL: a save on their SIGTERM would "
+                    "be cut (the previous checkpoint stays the newest). Stop the job with "
+                    "SIGTERM or SIGUSR1 to launch/train.sh (it waits for the save), or ask "
+                    "Slurm for SIGUSR1 earlier (--signal=B:USR1@N in launch/slurm.sbatch, N above "
+                    "the save time)", took, SIGTERM_GRACE_S)
         self.engine.barrier()
 

@@ -76,17 +76,11 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from argonne_ds.reliability import OutOfMemory
     from argonne_ds.run_config import resolve_run_config
     from argonne_ds.trainer import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    run = resolve_run_config(args)
-    try:
-        return train(run)
-    except OutOfMemory as e:
-        print(f"argonne-ds train: error: {e}", file=sys.stderr)
-        return 3
+    return train(resolve_run_config(args))
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -228,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     from argonne_ds.data import DataError
+    from argonne_ds.reliability import JobError
 
     # One voice per job: ranks other than 0 log warnings and errors only.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
@@ -240,16 +235,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line, even when pyarrow's or the OS's message spans several.
         print(f"argonne-ds {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         code, clean = 2, False
-    except BaseException:
+    except JobError as e:  # the job cannot go on (out of memory, bad steps): its exit code says
+        if not e.everywhere or os.environ.get("RANK", "0") == "0":
+            print(f"argonne-ds {args.command}: error: {e}", file=sys.stderr, flush=True)
+        code, clean = int(e.code), False
+    except BaseException as e:
         if not _distributed():
             raise
-        traceback.print_exc()
+        if _lost_peer(e):  # the peer's own error says why; a traceback here would bury it
+            print(f"argonne-ds {args.command}: error: rank {os.environ.get('RANK', '?')} lost "
+                  f"another rank mid-collective ({' '.join(str(e).split())[-160:]}); that "
+                  "rank's error above is the cause", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         code, clean = 1, False
     if _distributed():
         from argonne_ds.distributed import shutdown
 
         shutdown(code, clean)
     return code
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo/NCCL say so)."""
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                                   "remote worker crashing", "NCCL communicator was aborted"))
 
 
 def _distributed() -> bool:

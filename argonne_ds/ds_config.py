@@ -46,10 +46,12 @@ def engine_mode(ds_config: dict[str, Any]) -> str:
     return "zero3" if stage == 3 else "data_parallel"
 
 
-def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int) -> tuple[int, list[str]]:
+def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = None
+                 ) -> tuple[int, list[str]]:
     """Fix micro-batch, accumulation and global batch in `ds` for `dp` data-parallel ranks. The
     global batch is the invariant (--global-batch-size, else the JSON's train_batch_size, else
-    its micro x accumulation x dp); accumulation is derived from it, unless given explicitly."""
+    its micro x accumulation x dp); accumulation is derived from it, unless given explicitly.
+    `micro_cap`: the micro-batch an out-of-memory backoff left (accumulation grows instead)."""
     json_micro = ds.get("train_micro_batch_size_per_gpu")
     json_accum = ds.get("gradient_accumulation_steps")
     json_total = ds.pop("train_batch_size", None)
@@ -63,15 +65,21 @@ def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int) -> tuple[int, list[str]]
                               f"{total}; give one of them")
     else:
         total = cfg.global_batch_size or json_total or micro * (json_accum or 1) * dp
+    notes, capped = [], bool(micro_cap and micro > micro_cap)
+    if capped:
+        notes.append(f"micro-batch {micro_cap}, not {micro}: a launch of this run ran out of "
+                     "memory (see oom_backoff.json in the output directory; delete it to try "
+                     f"{micro} again)")
+        micro = int(micro_cap or micro)
     accum, rem = divmod(total, micro * dp)
     if rem or accum < 1:
         raise ConfigError(f"a global batch of {total} samples cannot be split into micro-batches "
                           f"of {micro} on {dp} data-parallel ranks; choose a global batch that "
                           f"is a multiple of {micro * dp} (--global-batch-size) or another "
                           "--batch-size")
-    notes = []
-    if micro != json_micro:
-        notes.append(f"--batch-size {micro} overrides train_micro_batch_size_per_gpu={json_micro}")
+    if micro != json_micro and not capped:
+        notes.append(f"batch_size {micro} (run config) overrides "
+                     f"train_micro_batch_size_per_gpu={json_micro}")
     if accum != json_accum:
         how = ("--gradient-accumulation-steps" if cfg.gradient_accumulation_steps
                else "the global batch")
@@ -83,9 +91,11 @@ def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int) -> tuple[int, list[str]]
     return total, notes
 
 
-def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], int, list[str]]:
-    """The JSON with the run config applied for `world_size` ranks; returns (config, max_steps,
-    notes on what differs from the JSON)."""
+def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = None
+                      ) -> tuple[dict[str, Any], int, list[str]]:
+    """The JSON with the run config applied for `world_size` ranks (`micro_cap`: the micro-batch
+    an out-of-memory backoff left); returns (config, max_steps, notes on what differs from the
+    JSON)."""
     cfg = run.train
     ds = read_ds_config(cfg.deepspeed_config)
     notes: list[str] = []
@@ -102,7 +112,7 @@ def resolve_ds_config(run: RunConfig, world_size: int) -> tuple[dict[str, Any], 
     stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
-    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages)
+    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages, micro_cap)
     notes += batch_notes
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise ConfigError("give --max-steps or --max-tokens")

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ class StepResult:
     loss: float
     grad_norm: float | None
     lr: float
+    skipped: str | None = None  # why the update was skipped (weights unchanged)
 
 
 class Engine:
@@ -119,6 +120,8 @@ class Engine:
         start_scheduler(self.scheduler)
         self._even_norm_collectives()
         self._fp32_norm: float | None = None
+        self._verdict: str | None = None
+        self._local_loss: float | None = None
         if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
                 or self.engine.zero_optimization()):
             # Plain fp32 clips in clip_fp32_gradients but drops the norm it computed; keep it.
@@ -262,33 +265,76 @@ class Engine:
         return float(self.engine.get_lr()[0])
 
     # ---- training ----------------------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Mark where a step starts, so an OOM inside it can be rolled back."""
-        self._micro_steps_at_start = self.engine.micro_steps
+    def guard_updates(self, verdict: Callable[[float, float | None], str | None]) -> None:
+        """Ask `verdict(loss, grad_norm)` before every optimizer update whether to skip it.
+
+        Called inside DeepSpeed's optimizer step, after the gradient norm is known and before
+        the parameters move: the torch optimizer under DeepSpeed's wrapper (ZeRO, bf16) steps
+        only when the verdict is None. Loss and norm are this step's global values (one
+        all_reduce; in a pipeline only the last stage knows the loss), so every rank decides
+        alike. A skipped update leaves fp32 masters, Adam moments and Adam's step count as they
+        were; the wrapper copies the unchanged masters back to the working weights and clears
+        the gradients as after any step."""
+        opt = self.engine.optimizer
+        base = getattr(opt, "optimizer", opt)
+        inner = base.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self._verdict is None:  # once per step (ZeRO steps once per parameter group)
+                self._verdict = verdict(*self._global_loss_and_norm()) or ""
+            return None if self._verdict else inner(*args, **kwargs)
+
+        base.step = step
+
+    def _global_loss_and_norm(self) -> tuple[float, float | None]:
+        if self.mode == "pipeline":
+            total = self.engine.total_loss if self.engine.is_last_stage() else None
+            local = None if total is None else float(total) / self.engine.micro_batches
+        else:
+            local = self._local_loss
+        opt = self.engine.optimizer
+        norm = getattr(opt, "_global_grad_norm", None)
+        norm = self._fp32_norm if norm is None else float(norm)
+        t = torch.tensor([local or 0.0, float(local is not None), norm or 0.0,
+                          float(norm is not None)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        loss_sum, count, norm_sum, norms = t.tolist()
+        return loss_sum / max(count, 1.0), (norm_sum / norms if norms else None)
 
     def train_step(self, data: Iterator[Batch]) -> StepResult:
         """One optimizer step over one global batch (grad_accum micro-batches per rank)."""
         lr = self.lr()  # the LR this step uses (the scheduler moves on after the step)
         self.engine.train()
+        self._verdict, self._local_loss, self._fp32_norm = None, None, None
+        overflows = self.engine.skipped_steps
         if self.mode == "pipeline":
             loss = float(self.engine.train_batch(data_iter=data))
         else:
             # Summed on the device (no host sync per micro-batch); only the loss is kept, so the
             # (B, T, V) logits are freed before backward.
             total = torch.zeros((), dtype=torch.float32, device=self.engine.device)
-            for _ in range(self.grad_accum):
+            for i in range(self.grad_accum):
                 x, y = next(data)
                 micro_loss = self.engine(x.to(self.engine.device),
                                          labels=y.to(self.engine.device)).loss
                 self.engine.backward(micro_loss)
-                self.engine.step()
                 total += micro_loss.detach().float()
+                if i == self.grad_accum - 1:  # the update happens in this engine.step()
+                    self._local_loss = float(total) / self.grad_accum
+                self.engine.step()
             loss_t = total / self.grad_accum
             dist.all_reduce(loss_t, group=self.engine.data_parallel_group)
             loss = float(loss_t) / self.dp_world
         norm = self.engine.get_global_grad_norm()
         norm = self._fp32_norm if norm is None else norm
-        return StepResult(loss, None if norm is None else float(norm), lr)
+        skipped = self._verdict or None
+        if self.engine.skipped_steps != overflows:
+            # DeepSpeed skipped the update itself (a non-finite gradient norm, an fp16
+            # overflow) and held the LR schedule back: it follows the step count here.
+            skipped = f"the gradient norm is not finite (loss {loss:.4g})"
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return StepResult(loss, None if norm is None else float(norm), lr, skipped)
 
     def set_step(self, step: int, samples: int | None = None) -> None:
         """Continue a run imported from elsewhere at `step`: counters and LR schedule."""
@@ -296,18 +342,6 @@ class Engine:
         self.engine.global_samples = step * self.global_batch_size if samples is None else samples
         if self.scheduler is not None:
             self.scheduler.step(step)
-
-    def set_micro_batch_size(self, micro: int) -> None:
-        """Keep the global batch, change the micro-batch: accumulation follows (OOM backoff).
-        A step interrupted half-way (an OOM) is discarded: its gradients and micro-step count."""
-        self.engine.micro_steps = getattr(self, "_micro_steps_at_start", self.engine.micro_steps)
-        self._micro_steps_at_start = self.engine.micro_steps
-        global_batch = self.global_batch_size
-        self.engine.set_train_micro_batch_size(micro)
-        self.engine.set_train_batch_size(global_batch)
-        if self.mode == "pipeline":
-            self.engine.reset_activation_shape()
-        self.engine.zero_grad()
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> float:

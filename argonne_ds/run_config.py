@@ -4,7 +4,8 @@
     TrainConfig       model, engine JSON, batch, optimizer, budget (section `train:`)
     CheckpointConfig  where runs live, how often they are saved  (section `checkpoint:`)
     LogConfig         what the job reports while it runs         (section `log:`)
-    RunConfig         the four together, validated as a whole
+    ReliabilityConfig bad steps skipped, hangs timed out          (section `reliability:`)
+    RunConfig         the five together, validated as a whole
 
 A field's default, help text and flag live in its declaration (`option(...)`); `add_flags`
 generates the argparse flags from them, `load_file` reads a YAML or JSON run config (sections, or
@@ -162,11 +163,44 @@ class LogConfig:
 
 
 @dataclass
+class ReliabilityConfig:
+    skip_sigma: float = option(
+        6.0, "skip a step whose loss or gradient norm is this many standard deviations above "
+        "the mean of the last --skip-window steps (0: skip only non-finite ones)",
+        on_resume="warn")
+    skip_window: int = option(128, "steps in --skip-sigma's rolling window (judged from half)",
+                              on_resume="warn")
+    max_skips_in_a_row: int = option(8, "stop (exit 4) after this many skipped steps in a row")
+    skip_steps: list[str] = option(
+        [], "steps to skip on purpose, e.g. 1201-1250 1307: their data is consumed, the weights "
+        "are not updated (to train past bad data)", on_resume="warn")
+    step_timeout: float | None = option(
+        None, "seconds a step may take before every rank's stack is printed and the job exits "
+        "75 for launch/train.sh to relaunch (default: 10x the median step, at least 300; 0: "
+        "off)")
+
+    def __post_init__(self) -> None:
+        if self.skip_sigma < 0 or self.skip_window < 2 or self.max_skips_in_a_row < 1:
+            raise ConfigError("need reliability.skip_sigma >= 0, skip_window >= 2 and "
+                              f"max_skips_in_a_row >= 1, got {self.skip_sigma}, "
+                              f"{self.skip_window} and {self.max_skips_in_a_row}")
+        if self.step_timeout is not None and self.step_timeout < 0:
+            raise ConfigError(f"reliability.step_timeout must be >= 0, got {self.step_timeout}")
+        from argonne_ds.guard import parse_steps
+
+        try:
+            parse_steps(self.skip_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
     def __post_init__(self) -> None:
         self.data.seed = self.train.seed  # one --seed: weights and data shuffle

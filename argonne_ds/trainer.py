@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -33,13 +33,17 @@ from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.distributed import check_shared_dirs, init_distributed
 from argonne_ds.ds_config import pipeline_stages, resolve_ds_config
 from argonne_ds.engine import Batch, Engine, StepResult
+from argonne_ds.faults import Faults
+from argonne_ds.guard import BadStepGuard, parse_steps
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
 from argonne_ds.reliability import (
-    INJECT_OOM_ENV,
-    OutOfMemory,
+    Exit,
+    JobError,
     StopFlag,
+    Watchdog,
     is_oom,
-    parse_injection,
+    read_backoff,
+    write_backoff,
 )
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, RunConfig
 
@@ -74,7 +78,7 @@ class Job:
 
 def train(run: RunConfig) -> int:
     job = setup(run)
-    engine, data, state = job.engine, job.data, job.state
+    engine, data, state, rank = job.engine, job.data, job.state, job.engine.global_rank
     job.say(f"[train] {engine.mode} on {engine.world_size} ranks (data-parallel "
             f"{engine.dp_world}), global batch {engine.global_batch_size} x "
             f"{run.data.block_size} tokens, steps {state.step} -> {job.max_steps}, output "
@@ -82,36 +86,40 @@ def train(run: RunConfig) -> int:
     job.bar = tqdm(total=job.max_steps, initial=state.step, disable=None if job.rank0 else True,
                    unit="step", dynamic_ncols=True)
     hooks = [ProgressLog(job), HeldOutEval(job), Sample(job)]
-    stop, inject = StopFlag(), parse_injection(os.environ.get(INJECT_OOM_ENV, ""))
+    stop, watchdog, faults = StopFlag(), Watchdog(rank, run.reliability.step_timeout), Faults(rank)
+    guard = _guard(run, state)
+    engine.guard_updates(lambda loss, norm: guard.verdict(state.step + 1, loss, norm))
+    faults.install(engine.module)
     while state.step < job.max_steps:
-        before, recorder, t0 = data.state_dict(), _Recorder(data), time.perf_counter()
-        engine.begin_step()
+        step, recorder, t0 = state.step + 1, _Recorder(data), time.perf_counter()
+        watchdog.arm(f"step {step}")
         try:
-            if inject.get(state.step + 1):
-                inject[state.step + 1] -= 1
-                raise OutOfMemory(f"CUDA out of memory (injected at step {state.step + 1})")
-            result, oom = engine.train_step(recorder), False
+            faults.begin(step)
+            result = engine.train_step(recorder)
+            stopping = engine.any_rank(stop.signal is not None)[0]  # one branch for all ranks
+            watchdog.disarm(time.perf_counter() - t0)
+            state.step, state.tokens = step, state.tokens + job.tokens_per_step
+            job.bar.update(1)
+            note = guard.settle(step, result.skipped, job.checkpointer.newest)
+            job.sink.log({"step": step, "loss": result.loss, "lr": result.lr,
+                          "grad_norm": result.grad_norm, "tokens": state.tokens,
+                          "samples": data.samples, "epoch": data.epoch,
+                          "micro_batch": engine.micro_batch_size, "skipped": bool(note),
+                          "skipped_steps": guard.skipped, "data_crc": engine.gather(recorder.crc),
+                          "step_s": time.perf_counter() - t0})
+            if note:
+                job.say(note)
+            watchdog.arm(f"the evaluation, sample or save after step {step}", long=True)
+            for hook in hooks:
+                hook(state, result)
         except Exception as e:  # noqa: BLE001 - only OOMs are handled; the rest re-raised
-            if not is_oom(e):
-                raise
-            result, oom = None, True
-        oom, stopping = engine.any_rank(oom, stop.signal is not None)  # one branch for all
-        if oom:
-            _backoff(job, before)
-            continue
-        state.step += 1
-        state.tokens += job.tokens_per_step
-        job.bar.update(1)
-        job.sink.log({"step": state.step, "loss": result.loss, "lr": result.lr,
-                      "grad_norm": result.grad_norm, "tokens": state.tokens,
-                      "samples": data.samples, "epoch": data.epoch,
-                      "micro_batch": engine.micro_batch_size,
-                      "data_crc": engine.gather(recorder.crc), "step_s": time.perf_counter() - t0})
-        for hook in hooks:
-            hook(state, result)
-        if (state.step % run.checkpoint.save_interval == 0 or state.step == job.max_steps
-                or stopping):
+            if is_oom(e):
+                _out_of_memory(job, step, e)
+            raise
+        if step % run.checkpoint.save_interval == 0 or step == job.max_steps or stopping:
+            state.guard = guard.state_dict()
             job.checkpointer.save(state)
+        watchdog.disarm()
         if stopping:
             job.say(f"[train] stop signal received: checkpoint at step {state.step} saved, "
                     "exiting 0; relaunch to resume")
@@ -130,7 +138,9 @@ def setup(run: RunConfig) -> Job:
                        run.data.block_size, model_config.max_position_embeddings)
         run.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config, max_steps, notes = resolve_ds_config(run, world)
+    backoff = read_backoff(run.checkpoint.output_dir)
+    ds_config, max_steps, notes = resolve_ds_config(
+        run, world, micro_cap=backoff and int(backoff["micro_batch_size"]))
     dp = world // pipeline_stages(ds_config)
     if run.data.cache_dir is None and dp > 1:
         # Streaming, every data-parallel rank would tokenize the whole stream to keep its share.
@@ -266,19 +276,35 @@ def _eval_batches(job: Job) -> list[Batch]:
 # ---- reliability ------------------------------------------------------------------------------
 
 
-def _backoff(job: Job, before: dict[str, Any]) -> None:
-    """Halve the micro-batch, double accumulation: same global batch, same blocks, same model."""
-    engine, micro = job.engine, job.engine.micro_batch_size
+def _guard(run: RunConfig, state: TrainState) -> BadStepGuard:
+    cfg = run.reliability
+    guard = BadStepGuard(cfg.skip_sigma, cfg.skip_window, cfg.max_skips_in_a_row,
+                         parse_steps(cfg.skip_steps))
+    if state.guard:
+        guard.load_state_dict(state.guard)
+    return guard
+
+
+def _out_of_memory(job: Job, step: int, error: BaseException) -> NoReturn:
+    """Out of memory in a step, an evaluation or a sample. The other ranks may be waiting for
+    this one inside a collective (a pipeline's send/receive, ZeRO-3's gathers) that nothing can
+    interrupt, so no in-process recovery: record half the micro-batch for the next launch and
+    exit RELAUNCH; the launcher stops the other ranks, launch/train.sh relaunches, and the job
+    resumes from the last checkpoint with the same global batch and data order (accumulation
+    doubles)."""
+    micro, rank = job.engine.micro_batch_size, job.engine.global_rank
     if micro // 2 < job.run.train.min_micro_batch_size or micro % 2:
-        raise OutOfMemory(f"out of memory at micro-batch {micro}, the floor: the model does not "
-                          "fit; add pipeline stages, use ZeRO-3 (offload), or enable activation "
-                          "checkpointing")
-    engine.set_micro_batch_size(micro // 2)
-    job.data.load_state_dict(before)
-    job.data.set_batch_size(engine.global_batch_size, engine.micro_batch_size)
-    job.say(f"[train] out of memory: micro-batch {micro} -> {micro // 2}, gradient "
-            f"accumulation {engine.grad_accum}; global batch {engine.global_batch_size} and data "
-            "order unchanged; retrying the step")
+        raise JobError(f"out of memory at micro-batch {micro}, the floor (--min-micro-batch-size "
+                       f"{job.run.train.min_micro_batch_size}): the model does not fit; add "
+                       "pipeline stages, use ZeRO-3 (offload), or enable activation "
+                       "checkpointing", Exit.NO_FIT) from None
+    path = write_backoff(job.run.checkpoint.output_dir, micro // 2, micro, step, rank,
+                         f"{type(error).__name__}: {error}")
+    raise JobError(f"rank {rank} ran out of memory in step {step} at micro-batch {micro} "
+                   f"({' '.join(str(error).split())[:200]}); the next launch uses micro-batch "
+                   f"{micro // 2} (same global batch, accumulation doubled; {path}) and resumes "
+                   "from the last checkpoint: launch/train.sh relaunches by itself "
+                   "(MAX_RESTARTS)", Exit.RELAUNCH) from None
 
 
 class _Recorder:

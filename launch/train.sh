@@ -24,6 +24,9 @@
 #   LOG_INTERVAL=10  BATCH_SIZE, GRAD_ACCUM (default: the JSON's)  SHUFFLE_WINDOW  SEED
 #   EVAL_DATA_GLOB (held-out shards)  EVAL_INTERVAL=1000  SAMPLE_INTERVAL  SAMPLE_PROMPT
 #   OMP_NUM_THREADS=4          CPU threads per rank (the launcher never sets it)
+#   MAX_RESTARTS=3  RESTART_DELAY=5   relaunches after a crash, a hang or an out-of-memory error
+#                              (exit 1, 75 or a signal), each resuming from the last checkpoint;
+#                              not after exit 2 (bad input), 3 (does not fit) or 4 (bad steps)
 #
 # How the processes start:
 #   HOSTFILE (default launch/hostfile, see hostfile.example) and NODE_RANK unset: the launcher
@@ -209,7 +212,6 @@ else
     else
         mode=ssh
         if [ -n "${MASTER_ADDR:-}" ]; then launcher+=(--master_addr "$MASTER_ADDR"); fi
-        write_deepspeed_env
         # pdsh pastes the arguments into a remote shell command, quoting only those with
         # spaces: quote globs so they reach argonne-ds whole (it expands them in natural order)
         # instead of being expanded by the remote shell into one argument per shard.
@@ -224,20 +226,18 @@ else
     fi
 fi
 read -r -a extra_launcher <<< "${DS_LAUNCHER_ARGS:-}"
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RESTART_DELAY=${RESTART_DELAY:-5}
+case $MAX_RESTARTS$RESTART_DELAY in *[!0-9]*) die "MAX_RESTARTS and RESTART_DELAY must be" \
+    "whole numbers, not '$MAX_RESTARTS' and '$RESTART_DELAY'" ;; esac
 
 cmd=(deepspeed "${launcher[@]}" "${extra_launcher[@]}" --module argonne_ds.cli train
      "${train[@]}" "${passthrough[@]}")
 say "$mode launch, OMP_NUM_THREADS=$OMP_NUM_THREADS, from $ROOT:"
 say "$(printf '%q ' "${cmd[@]}")"
 
-# The launchers (deepspeed runner -> deepspeed.launcher.launch) inherit "ignore SIGUSR1" from
-# this subshell: SIGUSR1's default action would kill them, and with them the job, while the
-# ranks (which install their own handler) are still writing the checkpoint.
-( trap '' USR1; exec "${cmd[@]}" ) &
-child=$!
-
-stops=0
-# shellcheck disable=SC2317 # called from the traps below
+stops=0 child=""
+# shellcheck disable=SC2317,SC2329 # called from the traps below
 stop() {
     local launchers=() ranks=() p
     stops=$((stops + 1))
@@ -261,10 +261,46 @@ stop() {
 trap 'stop SIGTERM' TERM
 trap 'stop SIGUSR1' USR1
 
-# `wait` returns early when a trapped signal arrives: wait again until the launcher is gone.
-status=0
+# ---- run, and relaunch after a crash, a hang or an out-of-memory error ------------------------
+# Exit codes of argonne-ds train: 0 done or stopped after a save; 2 bad input, 3 out of memory at
+# the smallest micro-batch, 4 too many bad steps in a row (a relaunch would meet them again: not
+# relaunched); 75 a hang (the watchdog) or an out-of-memory error (the next launch halves the
+# micro-batch); 1 or a signal: a crash. Each relaunch resumes from the last checkpoint.
+explain() {
+    case $1 in
+        1) echo "a crash, or a rank lost mid-collective: the first error above says which" ;;
+        75) echo "a hung step or an out-of-memory error: see the [watchdog] or error lines above" ;;
+        *) if [ "$1" -gt 128 ]; then echo "killed by signal $(($1 - 128))"
+           else echo "an error"; fi ;;
+    esac
+}
+restarts=0
 while :; do
-    wait "$child" && status=0 || status=$?
-    kill -0 "$child" 2>/dev/null || break
+    export ARGONNE_RESTART=$restarts  # the ranks report it (and test hooks fire on launch 0)
+    if [ "$mode" = ssh ]; then write_deepspeed_env; fi
+    # The launchers (deepspeed runner -> deepspeed.launcher.launch) inherit "ignore SIGUSR1"
+    # from this subshell: SIGUSR1's default action would kill them, and with them the job,
+    # while the ranks (which install their own handler) are still writing the checkpoint.
+    ( trap '' USR1; exec "${cmd[@]}" ) &
+    child=$!
+    # `wait` returns early when a trapped signal arrives: wait again until the launcher is gone.
+    status=0
+    while :; do
+        wait "$child" && status=0 || status=$?
+        kill -0 "$child" 2>/dev/null || break
+    done
+    case $status in 0 | 2 | 3 | 4) break ;; esac
+    if [ "$stops" -gt 0 ]; then break; fi  # asked to stop: no relaunch
+    if [ "$restarts" -ge "${MAX_RESTARTS}" ]; then
+        say "the job exited $status ($(explain "$status")); MAX_RESTARTS=$MAX_RESTARTS" \
+            "relaunches used up"
+        break
+    fi
+    restarts=$((restarts + 1))
+    say "the job exited $status ($(explain "$status")); relaunch $restarts of $MAX_RESTARTS" \
+        "in ${RESTART_DELAY}s, resuming from the last checkpoint"
+    sleep "$RESTART_DELAY" &
+    wait $! || true
+    if [ "$stops" -gt 0 ]; then break; fi
 done
 exit "$status"

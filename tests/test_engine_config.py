@@ -15,7 +15,7 @@ from argonne_ds.config import ArgonneConfig
 from argonne_ds.ds_config import ConfigError, engine_mode, read_ds_config, resolve_ds_config
 from argonne_ds.engine import param_groups, start_scheduler
 from argonne_ds.model import ArgonneModel
-from argonne_ds.reliability import is_oom, parse_injection
+from argonne_ds.reliability import is_oom
 from argonne_ds.run_config import DataConfig, RunConfig, TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
@@ -77,7 +77,8 @@ def test_cli_overrides_win_and_are_reported(tmp_path: Path) -> None:
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["bf16"]["enabled"]
     assert max_steps == math.ceil(10_000 / (2 * 3 * 2 * 128))  # the token budget
-    assert any("--batch-size 2 overrides train_micro_batch_size_per_gpu=4" in n for n in notes)
+    assert any("batch_size 2 (run config) overrides train_micro_batch_size_per_gpu=4" in n
+               for n in notes)
     assert ds["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(0.1)
 
 
@@ -129,7 +130,19 @@ def test_oom_detection_walks_the_cause_chain() -> None:
     except BackendCompilerFailed as e:
         assert is_oom(e)
     assert not is_oom(ValueError("shape mismatch"))
-    assert parse_injection("3x3,7") == {3: 3, 7: 1}
+
+
+def test_an_oom_backoff_caps_the_micro_batch_and_keeps_the_global_batch() -> None:
+    zero3 = next(c for c in CONFIGS if c.name == "cpu_zero3.json")
+    cfg = RunConfig(train=TrainConfig(deepspeed_config=str(zero3), max_steps=10))
+    ds, _, _ = resolve_ds_config(cfg, world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 2)
+    ds, _, notes = resolve_ds_config(cfg, world_size=2, micro_cap=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 4)
+    assert ds["train_batch_size"] == 16
+    assert any("micro-batch 2, not 4: a launch of this run ran out of memory" in n for n in notes)
+    ds, _, _ = resolve_ds_config(cfg, world_size=2, micro_cap=8)  # a cap above: no change
+    assert ds["train_micro_batch_size_per_gpu"] == 4
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,10 +16,19 @@ from pathlib import Path
 import pytest
 
 from argonne_ds.testing import free_port
-from tests.train_helpers import env, make_workspace, read_metrics, steps
+from tests.train_helpers import (
+    LAUNCH,
+    finish,
+    make_workspace,
+    read_metrics,
+    script_env,
+    start,
+    steps,
+    tiny_job,
+    train_sh,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm.sbatch"]
 TIMEOUT = 240  # s, per distributed test: a hung rendezvous fails the test instead of CI
 
@@ -31,21 +39,6 @@ def stub(folder: Path, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body))
     path.chmod(0o755)
-
-
-def script_env(bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """The test environment, with `bin_dir` first on PATH and VIRTUAL_ENV set so that train.sh
-    does not activate .venv in front of the stand-ins."""
-    e = env({"VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV", sys.prefix), **extra})
-    path = [str(Path(sys.executable).parent), e["PATH"]]
-    if bin_dir is not None:
-        path.insert(0, str(bin_dir))
-    e["PATH"] = os.pathsep.join(path)
-    for var in ("HOSTFILE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ENV_FILE",
-                "TOKENIZER_PATH", "MAX_TOKENS", "MAX_STEPS", "PRECISION"):
-        if var not in extra:
-            e.pop(var, None)
-    return e
 
 
 # ---- static checks ------------------------------------------------------------------------------
@@ -224,7 +217,14 @@ def slurm(tmp_path: Path) -> dict:
     # The per-node command (train.sh in real jobs): reports, then waits for SIGUSR1 ("saves").
     stub(bin_dir, "node.sh", """\
         echo "node $NODE_RANK: $HOSTFILE $MASTER_ADDR:$MASTER_PORT args $*" >> "$SLURM_LOG"
+        echo "node $NODE_RANK: launch $ARGONNE_RESTART, MAX_RESTARTS=$MAX_RESTARTS" >> "$SLURM_LOG"
         trap 'echo "node $NODE_RANK: SIGUSR1" >> "$SLURM_LOG"; exit 0' USR1
+        # EXITS="75 0": node 1 exits 75 on the first launch, 0 on the second (node 0 exits 0).
+        if [ -n "${EXITS:-}" ]; then
+            read -r -a codes <<< "$EXITS"
+            [ "$NODE_RANK" = 1 ] && exit "${codes[$ARGONNE_RESTART]}"
+            exit 0
+        fi
         [ -n "${FINISH_AT_ONCE:-}" ] && exit 0
         touch "$SLURM_LOG.ready$NODE_RANK"
         for _ in $(seq 300); do sleep 0.1; done
@@ -237,12 +237,13 @@ def slurm(tmp_path: Path) -> dict:
     return {"env": e, "log": log, "hostfile": tmp_path / "hostfile"}
 
 
-def run_sbatch(slurm: dict, usr1: bool) -> tuple[int, str]:
+def run_sbatch(slurm: dict, usr1: bool, **variables: str) -> tuple[int, str]:
     proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--max-steps", "7"],
-                            env=slurm["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**slurm["env"], **variables}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        if usr1:  # as Slurm does 120 s before the time limit (--signal=B:USR1@120)
+        if usr1:  # as Slurm does 300 s before the time limit (--signal=B:USR1@300)
             deadline = time.monotonic() + 30
             while not all(Path(f"{slurm['log']}.ready{i}").exists() for i in (0, 1)):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
@@ -276,42 +277,28 @@ def test_slurm_does_not_requeue_a_finished_job(slurm: dict) -> None:
     assert "requeue 4242" not in slurm["log"].read_text().splitlines()
 
 
+@pytest.mark.parametrize(("exits", "launches", "code"), [
+    ("75 0", 2, 0),  # a hang or an OOM on one node: all nodes relaunch together, then finish
+    ("1 1 1", 3, 1),  # MAX_RESTARTS=2 relaunches, then the failure stands
+    ("3", 1, 3),  # does not fit: a relaunch would fail the same way
+], ids=["relaunched", "used-up", "not-relaunched"])
+def test_slurm_relaunches_all_nodes_together(slurm: dict, exits: str, launches: int,
+                                             code: int) -> None:
+    got, out = run_sbatch(slurm, usr1=False, EXITS=exits, MAX_RESTARTS="2", RESTART_DELAY="0")
+    log = slurm["log"].read_text()
+    assert got == code, out
+    assert log.count("srun --nodes=2") == launches
+    for launch in range(launches):  # the nodes' own train.sh never relaunches alone
+        assert log.count(f"launch {launch}, MAX_RESTARTS=0") == 2
+    assert ("relaunch 1 of 2 on all nodes" in out) == (launches > 1)
+
+
 # ---- for real: 2 CPU ranks through the deepspeed launcher -------------------------------------
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_workspace(tmp_path_factory.mktemp("launch"))
-
-
-def tiny_job(ws: dict[str, str], out: Path, **extra: str) -> dict[str, str]:
-    """train.sh's variables for a tiny fp32 job on the workspace's corpus."""
-    return {"MODEL": ws["model"], "DATA_GLOB": ws["glob"], "CACHE_DIR": ws["cache"],
-            "TOKENIZER_PATH": "fallback", "OUTPUT_DIR": str(out), "PRECISION": "",
-            "BLOCK_SIZE": "32", "LR": "3e-3", "MIN_LR": "3e-4", "WARMUP_STEPS": "2",
-            "LOG_INTERVAL": "2", "MASTER_PORT": str(free_port()), **extra}
-
-
-def train_sh(config: str = "cpu_pipeline.json") -> list[str]:
-    return ["bash", str(LAUNCH / "train.sh"), f"ds_configs/{config}",
-            "--fallback-vocab-size", "512"]
-
-
-def start(cmd: list[str], variables: dict[str, str], log: Path,
-          bin_dir: Path | None = None) -> subprocess.Popen:
-    # Its own process group: on a timeout the whole tree (launchers, ranks) is killed.
-    return subprocess.Popen(cmd, env=script_env(bin_dir, **variables), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(procs: list[subprocess.Popen], deadline: float) -> list[int]:
-    try:
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 @pytest.mark.distributed

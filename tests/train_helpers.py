@@ -15,6 +15,7 @@ from argonne_ds.testing import cpu_env, free_port
 from tests.data_helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
 MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
          "max_position_embeddings": 64}
@@ -109,3 +110,51 @@ def read_metrics(out: Path) -> list[dict]:
 def steps(out: Path) -> dict[int, dict]:
     """The last record of each training step (a resumed run logs redone steps again)."""
     return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+
+# ---- through launch/train.sh -----------------------------------------------------------------
+
+
+def script_env(bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    """The test environment, with `bin_dir` first on PATH and VIRTUAL_ENV set so that train.sh
+    does not activate .venv in front of the stand-ins."""
+    e = env({"VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV", sys.prefix), **extra})
+    path = [str(Path(sys.executable).parent), e["PATH"]]
+    if bin_dir is not None:
+        path.insert(0, str(bin_dir))
+    e["PATH"] = os.pathsep.join(path)
+    for var in ("HOSTFILE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ENV_FILE",
+                "TOKENIZER_PATH", "MAX_TOKENS", "MAX_STEPS", "PRECISION"):
+        if var not in extra:
+            e.pop(var, None)
+    return e
+
+
+def tiny_job(ws: dict[str, str], out: Path, **extra: str) -> dict[str, str]:
+    """train.sh's variables for a tiny fp32 job on the workspace's corpus."""
+    return {"MODEL": ws["model"], "DATA_GLOB": ws["glob"], "CACHE_DIR": ws["cache"],
+            "TOKENIZER_PATH": "fallback", "OUTPUT_DIR": str(out), "PRECISION": "",
+            "BLOCK_SIZE": "32", "LR": "3e-3", "MIN_LR": "3e-4", "WARMUP_STEPS": "2",
+            "LOG_INTERVAL": "2", "MASTER_PORT": str(free_port()), **extra}
+
+
+def train_sh(config: str = "cpu_pipeline.json") -> list[str]:
+    return ["bash", str(LAUNCH / "train.sh"), f"ds_configs/{config}",
+            "--fallback-vocab-size", "512"]
+
+
+def start(cmd: list[str], variables: dict[str, str], log: Path,
+          bin_dir: Path | None = None) -> subprocess.Popen:
+    # Its own process group: on a timeout the whole tree (launchers, ranks) is killed.
+    return subprocess.Popen(cmd, env=script_env(bin_dir, **variables), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], deadline: float) -> list[int]:
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
