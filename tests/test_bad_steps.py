@@ -6,6 +6,7 @@ steps; too many in a row stop the job with exit 4 and a way out."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from argonne_ds.faults import LOSS_ENV
 from argonne_ds.guard import BadStepGuard, parse_steps
 from argonne_ds.reliability import Exit, JobError
-from tests.train_helpers import make_workspace, run, steps, train_cmd
+from tests.train_helpers import ROOT, make_workspace, run, steps, train_cmd
 
 SAVE_EVERY_STEP = ("--max-steps", "9", "--save-interval", "1", "--checkpoint-keep", "0")
 
@@ -97,11 +98,18 @@ def changed(run_dir: Path, before: int, after: int) -> int:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [("cpu_pipeline.json",), ("cpu_pipeline.json", "--bf16"),
-                                    ("cpu_zero3.json",)], ids=["pipeline", "pipeline-bf16",
-                                                               "zero3"])
+@pytest.mark.parametrize("layout", [
+    ("cpu_pipeline.json",),  # ZeRO-1: DeepSpeed itself skips the NaN (its norm check)
+    ("cpu_pipeline.json", "--bf16"),  # BF16_Optimizer
+    ("cpu_zero3.json",),
+    ("zero0",),  # data parallel, the torch optimizer bare: the guard catches the NaN
+], ids=["pipeline", "pipeline-bf16", "zero3", "data-parallel"])
 def test_a_nan_and_a_spike_are_skipped(ws, tmp_path: Path, layout: tuple[str, ...]) -> None:
     config, *flags = layout
+    if config == "zero0":
+        ds = json.loads((ROOT / "ds_configs" / "cpu_zero3.json").read_text())
+        config = str(tmp_path / "zero0.json")
+        Path(config).write_text(json.dumps(ds | {"zero_optimization": {"stage": 0}}))
     guarded = tmp_path / "guarded"
     # A short window, and a limit far above the injected spike's ~2,000 sigma but far below a
     # young window's honest fluctuations.
