@@ -51,6 +51,7 @@ class BadStepGuard:
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
         self.skipped, self.in_a_row, self.first_in_a_row = 0, 0, 0
+        self.last_reason = ""
 
     def verdict(self, step: int, loss: float, norm: float | None) -> str | None:
         """Why step `step` must not update the weights, or None."""
@@ -81,10 +82,8 @@ class BadStepGuard:
                     f"last {len(history)} steps ({mean:.4g} +- {std:.2g}; limit {self.sigma:g})")
         return None
 
-    def settle(self, step: int, skipped: str | None,
-               newest_checkpoint: Callable[[], str | None]) -> str | None:
-        """Count the step; a line for the log when it was skipped. Raises JobError (exit 4)
-        after `max_in_a_row` skips in a row."""
+    def settle(self, step: int, skipped: str | None) -> str | None:
+        """Count the step; a line for the log when it was skipped."""
         if not skipped:
             self.in_a_row = 0
             return None
@@ -92,19 +91,25 @@ class BadStepGuard:
         self.in_a_row += 1
         if self.in_a_row == 1:
             self.first_in_a_row = step
-        if self.in_a_row >= self.max_in_a_row and step not in self.skip_steps:
-            since = self.first_in_a_row
-            raise JobError(
-                f"{self.in_a_row} steps in a row skipped ({since}-{step}; the last: {skipped}): "
-                "the run is not recovering by itself, so it stops here without saving. The "
-                f"newest checkpoint is {newest_checkpoint() or 'none'}. Relaunching as is "
-                "replays the same data; to train past it, relaunch with --skip-steps "
-                f"{since}-{step + 50} (that data is consumed without training on it), or resume "
-                "an earlier checkpoint (--checkpoint-path) with a lower --learning-rate",
-                Exit.BAD_STEPS, everywhere=True)
+        self.last_reason = skipped
         return (f"[guard] step {step} skipped: {skipped}; weights unchanged, its data consumed "
                 f"({self.in_a_row} in a row, {self.skipped} in all; the job stops at "
                 f"{self.max_in_a_row} in a row)")
+
+    def stop_if_stuck(self, step: int, newest_checkpoint: Callable[[], str | None]) -> None:
+        """After `max_in_a_row` skips in a row (steps not listed in --skip-steps): JobError,
+        exit 4, with the way out."""
+        if self.in_a_row < self.max_in_a_row or step in self.skip_steps:
+            return
+        since = self.first_in_a_row
+        raise JobError(
+            f"{self.in_a_row} steps in a row skipped ({since}-{step}; the last: "
+            f"{self.last_reason}): the run is not recovering by itself, so it stops here "
+            f"without saving. The newest checkpoint is {newest_checkpoint() or 'none'}. "
+            "Relaunching as is replays the same data; to train past it, relaunch with "
+            f"--skip-steps {since}-{step + 50} (that data is consumed without training on it), "
+            "or resume an earlier checkpoint (--checkpoint-path) with a lower --learning-rate",
+            Exit.BAD_STEPS, everywhere=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "norms": list(self.norms),

@@ -166,8 +166,8 @@ class Watchdog:
             how = f"{self.FACTOR:g}x the median step of {statistics.median(self.times):.1f} s"
         else:
             how = "--step-timeout" if self.timeout else "the start-up allowance"
-        limit = f"{self._limit:.0f}" if self._limit >= 10 else f"{self._limit:.1f}"
-        head = (f"[watchdog] rank {self.rank}: {self._what} has not finished after {limit} s "
+        head = (f"[watchdog] rank {self.rank}: {self._what} has not finished after "
+                f"{round(self._limit, 1):g} s "
                 f"({how}); its threads' stacks follow, then exit "
                 f"{int(Exit.RELAUNCH)} so that the job stops and launch/train.sh relaunches it")
         with tempfile.TemporaryFile("w+") as f:  # one write per rank: ranks share the log

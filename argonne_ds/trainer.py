@@ -100,7 +100,7 @@ def train(run: RunConfig) -> int:
             watchdog.disarm(time.perf_counter() - t0)
             state.step, state.tokens = step, state.tokens + job.tokens_per_step
             job.bar.update(1)
-            note = guard.settle(step, result.skipped, job.checkpointer.newest)
+            note = guard.settle(step, result.skipped)
             job.sink.log({"step": step, "loss": result.loss, "lr": result.lr,
                           "grad_norm": result.grad_norm, "tokens": state.tokens,
                           "samples": data.samples, "epoch": data.epoch,
@@ -109,6 +109,7 @@ def train(run: RunConfig) -> int:
                           "step_s": time.perf_counter() - t0})
             if note:
                 job.say(note)
+                guard.stop_if_stuck(step, job.checkpointer.newest)
             watchdog.arm(f"the evaluation, sample or save after step {step}", long=True)
             for hook in hooks:
                 hook(state, result)

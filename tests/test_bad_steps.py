@@ -52,11 +52,13 @@ def test_the_window_rule() -> None:
 
 def test_too_many_in_a_row_stop_with_a_way_out() -> None:
     guard = BadStepGuard(max_in_a_row=3)
-    assert guard.settle(1, None, lambda: None) is None
-    assert "step 2 skipped" in guard.settle(2, "loss nan", lambda: None)
-    guard.settle(3, "loss nan", lambda: None)
+    assert guard.settle(1, None) is None
+    assert "step 2 skipped" in guard.settle(2, "loss nan")
+    guard.settle(3, "loss nan")
+    guard.stop_if_stuck(3, lambda: None)  # 2 in a row: goes on
+    guard.settle(4, "loss nan")
     with pytest.raises(JobError) as err:
-        guard.settle(4, "loss nan", lambda: "ck/global_step1")
+        guard.stop_if_stuck(4, lambda: "ck/global_step1")
     assert err.value.code == Exit.BAD_STEPS
     assert "3 steps in a row skipped (2-4" in str(err.value)
     assert "--skip-steps 2-54" in str(err.value) and "ck/global_step1" in str(err.value)
