@@ -105,18 +105,32 @@ def changed(run_dir: Path, before: int, after: int) -> int:
     ("cpu_pipeline.json", "--bf16"),  # BF16_Optimizer
     ("cpu_zero3.json",),
     ("zero0",),  # data parallel, the torch optimizer bare: the guard catches the NaN
-], ids=["pipeline", "pipeline-bf16", "zero3", "data-parallel"])
+    # 4 ranks, 4 stages: ZeRO-1 steps the torch optimizer once per parameter group, and the
+    # stages hold different numbers of groups; the verdict (a collective) is asked once a step.
+    ("pipeline4",),
+], ids=["pipeline", "pipeline-bf16", "zero3", "data-parallel", "pipeline-4-stages"])
 def test_a_nan_and_a_spike_are_skipped(ws, tmp_path: Path, layout: tuple[str, ...]) -> None:
     config, *flags = layout
-    if config == "zero0":
-        ds = json.loads((ROOT / "ds_configs" / "cpu_zero3.json").read_text())
-        config = str(tmp_path / "zero0.json")
-        Path(config).write_text(json.dumps(ds | {"zero_optimization": {"stage": 0}}))
+    ranks = "4" if config == "pipeline4" else "2"
+    base = "cpu_pipeline.json" if config == "pipeline4" else "cpu_zero3.json"
+    change = {"zero0": {"zero_optimization": {"stage": 0}},
+              "pipeline4": {"pipeline": {"stages": 4, "partition_method": "parameters"}}}
+    if config in change:
+        ds = json.loads((ROOT / "ds_configs" / base).read_text()) | change[config]
+        config = str(tmp_path / f"{config}.json")
+        Path(config).write_text(json.dumps(ds))
+    if ranks == "4":  # a vocabulary big enough that the embedding fills stage 0 alone: 1 group
+        model = json.loads(Path(ws["model"]).read_text()) | {"vocab_size": 2048}
+        (tmp_path / "model.json").write_text(json.dumps(model))
+        ws = {**ws, "model": str(tmp_path / "model.json")}
     guarded = tmp_path / "guarded"
     # A short window, and a limit far above the injected spike's ~2,000 sigma but far below a
     # young window's honest fluctuations.
-    run(train_cmd(ws, config, guarded, *SAVE_EVERY_STEP, *flags, "--skip-window", "6",
-                  "--skip-sigma", "1000"), extra_env={LOSS_ENV: "4:nan,7:1000"})
+    cmd = train_cmd(ws, config, guarded, *SAVE_EVERY_STEP, *flags, "--skip-window", "6",
+                    "--skip-sigma", "1000")
+    cmd[cmd.index("--num_gpus") + 1] = ranks
+    out = run(cmd, extra_env={LOSS_ENV: "4:nan,7:1000"}, timeout=300).stdout
+    assert f"on {ranks} ranks" in out
     g = steps(guarded)
     assert [s for s in g if g[s]["skipped"]] == [4, 7] and g[9]["skipped_steps"] == 2
     assert math.isnan(g[4]["loss"]) and g[7]["loss"] > 100
