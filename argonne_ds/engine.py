@@ -98,17 +98,23 @@ class Engine:
         self.ds_config = copy.deepcopy(ds_config)
         self.mode = engine_mode(self.ds_config)
         torch.manual_seed(seed)
+        # DeepSpeed's "activation_checkpointing" section, in any mode: every block's activations
+        # are recomputed in backward instead of kept (a pipeline's own interval wins).
+        recompute = "activation_checkpointing" in self.ds_config
         if self.mode == "pipeline":
             pipe = self.ds_config["pipeline"]
             model: nn.Module = build_pipeline_module(
                 model_config, num_stages=int(pipe["stages"]),
                 partition_method=pipe.get("partition_method", "parameters"),
-                activation_checkpoint_interval=int(pipe.get("activation_checkpoint_interval", 0)))
+                activation_checkpoint_interval=int(pipe.get("activation_checkpoint_interval", 0))
+                or int(recompute))
         elif self.mode == "zero3":
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = ArgonneModel(model_config)
         else:
             model = ArgonneModel(model_config)
+        if recompute and isinstance(model, ArgonneModel):
+            model.gradient_checkpointing = True
         if init_state is not None:
             self._load_plain_state(model, init_state)
         else:

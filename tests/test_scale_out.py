@@ -57,19 +57,22 @@ def _rank_batches(dp_rank: int, dp_world: int, steps: int):
             yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
 
-def _train(rank: int, world: int, stages: int, zero: int) -> dict:
+def _train(rank: int, world: int, stages: int, zero: int, extra: dict | None = None) -> dict:
     import deepspeed
 
     from argonne_ds.engine import Engine
 
-    engine = Engine(ArgonneConfig(**CONFIG), ds_config(world, stages, zero), seed=SEED)
+    engine = Engine(ArgonneConfig(**CONFIG), ds_config(world, stages, zero) | (extra or {}),
+                    seed=SEED)
     held: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             held[engine._plain_name(name)] = p.detach().float().clone()
     data = _rank_batches(engine.dp_rank, engine.dp_world, STEPS)
     losses = [engine.train_step(data).loss for _ in range(STEPS)]
-    return {"held": held, "losses": losses, "dp": engine.dp_world}
+    recomputed = (engine.engine.module.activation_checkpoint_interval if stages
+                  else engine.module.gradient_checkpointing)
+    return {"held": held, "losses": losses, "dp": engine.dp_world, "recomputed": recomputed}
 
 
 def _reference_init() -> dict[str, torch.Tensor]:
@@ -126,6 +129,19 @@ def _launch(cmd: list[str], **launcher: str | None) -> list[str]:
     i, j = cmd.index("deepspeed.launcher.runner") + 1, cmd.index("--module")
     flags = [x for k, v in launcher.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
     return [*cmd[:i], *flags, *cmd[j:]]
+
+
+@pytest.mark.parametrize(("stages", "zero"), [(2, 1), (0, 3)], ids=["pipeline", "zero3"])
+def test_activation_checkpointing_from_the_json_changes_no_loss(pipeline_2: dict, stages: int,
+                                                                 zero: int) -> None:
+    """DeepSpeed's "activation_checkpointing" section switches per-block recomputation on in
+    either mode; the losses stay bitwise those of the run that kept its activations."""
+    plain = pipeline_2 if stages else run_distributed_test(
+        _train, world_size=2, args=(stages, zero), timeout_s=240)[0]
+    recomputed = run_distributed_test(_train, world_size=2, timeout_s=240, args=(
+        stages, zero, {"activation_checkpointing": {}}))
+    assert all(r["recomputed"] for r in recomputed) and not plain["recomputed"]
+    assert recomputed[0]["losses"] == plain["losses"]
 
 
 @pytest.mark.distributed
