@@ -24,9 +24,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from argonne_ds.config import ArgonneConfig
+from argonne_ds.model.loss import IGNORE_INDEX, LMHead
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 try:  # optional extra `[flash]`; builds only against CUDA
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -268,7 +268,7 @@ class ArgonneModel(ArgonnePreTrainedModel):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList(ArgonneBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = config.use_gradient_checkpointing
@@ -288,7 +288,8 @@ class ArgonneModel(ArgonnePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **_: object,
     ) -> CausalLMOutput:
-        """input_ids, labels: (B, T) int64 -> logits (B, T, V), and the loss when labels given.
+        """input_ids (B, T) int64 -> logits (B, T, V); with labels (B, T), the loss instead (the
+        head and cross-entropy in chunks, never the whole logits: model/loss.py).
         Generation passes `cache` (one [k, v] list per block, filled in place) and
         `attention_mask` (B, S): 1 for real tokens of all S positions so far, 0 for left pads."""
         if cache is not None or attention_mask is not None:
@@ -306,9 +307,9 @@ class ArgonneModel(ArgonnePreTrainedModel):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits)
+        if labels is not None:
+            return CausalLMOutput(loss=self.lm_head(self.norm(x), labels))
+        return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)
 
     def _forward_cached(self, input_ids: torch.Tensor, cache: list[list[torch.Tensor]] | None,
                         attention_mask: torch.Tensor | None) -> CausalLMOutput:

@@ -1,0 +1,75 @@
+"""The output head and the loss without the whole (tokens, vocabulary) logits.
+
+`linear_cross_entropy(hidden, weight, labels)` is `cross_entropy((hidden @ weight.T).float(),
+labels)` (mean over labels != -100) computed `CHUNK_TOKENS` tokens at a time: the forward keeps
+only each token's log-sum-exp, the backward recomputes one chunk's logits at a time and turns them
+into the gradients of `hidden` and `weight` (one extra head matmul per chunk; the weight's gradient
+summed in fp32). At a vocabulary of 151,936 the plain path holds the logits, their fp32 copy and
+the softmax's gradient (~2.4 GB per 1,000 tokens); this holds one chunk's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_TOKENS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor,
+                weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        valid = y != IGNORE_INDEX
+        lse = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            logits = (h[s:s + chunk] @ weight.t()).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, y[s:s + chunk].clamp(min=0)[:, None])[:, 0]
+            total += ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+        count = valid.sum()
+        ctx.save_for_backward(h, weight, y, lse, count)
+        ctx.chunk, ctx.shape = chunk, hidden.shape
+        return total / count
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        h, weight, y, lse, count = ctx.saved_tensors
+        scale = grad.float() / count
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
+        for s in range(0, h.size(0), ctx.chunk):
+            hc, yc = h[s:s + ctx.chunk], y[s:s + ctx.chunk]
+            # d loss / d logits = (softmax - onehot) / count, zero on ignored tokens
+            g = torch.exp((hc @ weight.t()).float() - lse[s:s + ctx.chunk, None])
+            rows = torch.arange(len(yc), device=yc.device)
+            g[rows, yc.clamp(min=0)] -= 1.0
+            g *= ((yc != IGNORE_INDEX) * scale)[:, None]
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + ctx.chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ hc).float()
+        return (None if grad_h is None else grad_h.reshape(ctx.shape),
+                None if grad_w is None else grad_w.to(weight.dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """hidden (..., C), weight (V, C), labels (...) -> the mean cross-entropy of the logits
+    `hidden @ weight.T` (in hidden's dtype, then fp32) over labels != -100."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+class LMHead(torch.nn.Linear):
+    """The output projection; with labels it returns the loss, computed in chunks (inside the
+    module's forward, so ZeRO-3 gathers the weight for it as for the logits)."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels)
