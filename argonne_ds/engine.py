@@ -26,11 +26,7 @@ from argonne_ds.config import ArgonneConfig
 from argonne_ds.distributed import init_distributed
 from argonne_ds.ds_config import ConfigError, engine_mode
 from argonne_ds.model.model import ArgonneModel, RMSNorm, init_by_name, initial_value
-from argonne_ds.model.pipe import (
-    build_pipeline_module,
-    load_plain_state_into_pipe,
-    stage_head,
-)
+from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -391,8 +387,8 @@ class Engine:
                                              num_micro_batches=1)
                 self.engine.total_loss = None  # eval_batch leaves its loss accumulated
                 nxt = torch.zeros(1, dtype=torch.long, device=self.engine.device)
-                if self.engine.is_last_stage():  # the last position's hidden state
-                    nxt[0] = stage_head(self.module).logits(out[1][0, -1]).argmax()
+                if self.engine.is_last_stage():
+                    nxt[0] = out[1][0, -1].argmax()
                 # Within this replica's pipeline: each data-parallel replica generates alike.
                 grid = self.engine.grid
                 dist.broadcast(nxt, src=grid.stage_to_global(self.engine.num_stages - 1),

@@ -4,9 +4,8 @@ Layer i of the pipeline (global index, independent of how layers are split over 
     0           EmbeddingPipe   input_ids (B, T) -> hidden (B, T, C)
     1 .. L      BlockPipe       hidden -> hidden (block i-1 of the plain model)
     L + 1       NormPipe        final RMSNorm
-    L + 2       HeadPipe        the output head: passes the hidden states on
-and, as the module's loss_fn on the last stage, the head's projection and the cross-entropy in
-chunks (model/loss.py: the (B, T, V) logits never exist); generation asks `HeadPipe.logits`.
+    L + 2       HeadPipe        hidden -> logits (B, T, V)
+and the loss (`causal_lm_loss`) as the module's loss_fn on the last stage.
 
 The *Pipe classes subclass the plain modules and only adapt `forward`, so the parameter names inside
 each layer are the plain model's: `"<layer>.<path>"` maps to the plain name by a fixed table
@@ -15,7 +14,6 @@ each layer are the plain model's: `"<layer>.<path>"` maps to the plain name by a
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
 
@@ -24,7 +22,6 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.model.loss import linear_cross_entropy
 from argonne_ds.model.model import (
     ArgonneBlock,
     RMSNorm,
@@ -67,27 +64,9 @@ class NormPipe(RMSNorm):
 
 
 class HeadPipe(nn.Linear):
-    """The output head. Its forward hands the hidden states to the loss, which applies the
-    weight chunk by chunk (`head_loss`); `logits` projects the positions generation needs."""
-
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
         _init(self, config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
-
-
-def head_loss(head: HeadPipe, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return linear_cross_entropy(hidden, head.weight, labels)
-
-
-def stage_head(module: PipelineModule) -> HeadPipe | None:
-    """The head, on the stage that holds it."""
-    return next((f for f in module.forward_funcs if isinstance(f, HeadPipe)), None)
 
 
 def layer_specs(config: ArgonneConfig) -> list[LayerSpec]:
@@ -117,20 +96,16 @@ def build_pipeline_module(
             f"partition_method {partition_method!r}: choose one of {PARTITION_METHODS}")
     if activation_checkpoint_interval == 0 and config.use_gradient_checkpointing:
         activation_checkpoint_interval = 1
-    module = PipelineModule(
+    return PipelineModule(
         layers=layer_specs(config),
         num_stages=num_stages,
-        loss_fn=causal_lm_loss,  # replaced below on the stage that holds the head
+        loss_fn=causal_lm_loss,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Only blocks: with reentrant checkpointing a checkpointed embedding gets no gradient.
         checkpointable_layers=["BlockPipe"],
         **kwargs,
     )
-    head = stage_head(module)
-    if head is not None:
-        module.loss_fn = functools.partial(head_loss, head)
-    return module
 
 
 # ---- state conversion: pipeline "<layer>.<path>" <-> plain model names ------------------------
