@@ -231,7 +231,7 @@ class Checkpointer:
                   "model_config": model, "tokenizer_fingerprint": self.tok.fingerprint,
                   "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
                   "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
-                  "micro_batch_size": self.engine.micro_batch_size, "guard": state.guard}
+                  "guard": state.guard}
         staged = self.directory / ckpt.staging_tag(tag)
         if self.rank0:  # a save of this tag interrupted earlier
             shutil.rmtree(staged, ignore_errors=True)

@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     from argonne_ds.data import DataError
-    from argonne_ds.reliability import JobError
+    from argonne_ds.reliability import Exit, JobError
 
     # One voice per job: ranks other than 0 log warnings and errors only.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
@@ -234,11 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, PermissionError, ValueError, DataError) as e:
         # One line, even when pyarrow's or the OS's message spans several.
         print(f"argonne-ds {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        code, clean = 2, False
+        code, clean = Exit.BAD_INPUT, False
     except JobError as e:  # the job cannot go on (out of memory, bad steps): its exit code says
         if not e.everywhere or os.environ.get("RANK", "0") == "0":
             print(f"argonne-ds {args.command}: error: {e}", file=sys.stderr, flush=True)
-        code, clean = int(e.code), False
+        code, clean = e.code, False
     except BaseException as e:
         if not _distributed():
             raise
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "rank's error above is the cause", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
-        code, clean = 1, False
+        code, clean = Exit.CRASH, False
     if _distributed():
         from argonne_ds.distributed import shutdown
 

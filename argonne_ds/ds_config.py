@@ -70,7 +70,7 @@ def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = 
         notes.append(f"micro-batch {micro_cap}, not {micro}: a launch of this run ran out of "
                      "memory (see oom_backoff.json in the output directory; delete it to try "
                      f"{micro} again)")
-        micro = int(micro_cap or micro)
+        micro = micro_cap
     accum, rem = divmod(total, micro * dp)
     if rem or accum < 1:
         raise ConfigError(f"a global batch of {total} samples cannot be split into micro-batches "

@@ -73,10 +73,6 @@ class Faults:
         self.loss = {int(s): float(f) for s, _, f in (
             item.partition(":") for item in os.environ.get(LOSS_ENV, "").split(",") if item)}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.oom or self.hang_at or self.loss)
-
     def install(self, model: nn.Module) -> None:
         """Hooks on the plain model or on this rank's pipeline stage."""
         from argonne_ds.model.model import ArgonneBlock

@@ -16,7 +16,8 @@ import torch
 from argonne_ds.faults import LOSS_ENV
 from argonne_ds.guard import BadStepGuard, parse_steps
 from argonne_ds.reliability import Exit, JobError
-from tests.train_helpers import ROOT, make_workspace, run, steps, train_cmd
+from argonne_ds.testing import free_port
+from tests.train_helpers import ROOT, make_workspace, run, steps, train_cmd, with_launcher
 
 SAVE_EVERY_STEP = ("--max-steps", "9", "--save-interval", "1", "--checkpoint-keep", "0")
 
@@ -126,9 +127,9 @@ def test_a_nan_and_a_spike_are_skipped(ws, tmp_path: Path, layout: tuple[str, ..
     guarded = tmp_path / "guarded"
     # A short window, and a limit far above the injected spike's ~2,000 sigma but far below a
     # young window's honest fluctuations.
-    cmd = train_cmd(ws, config, guarded, *SAVE_EVERY_STEP, *flags, "--skip-window", "6",
-                    "--skip-sigma", "1000")
-    cmd[cmd.index("--num_gpus") + 1] = ranks
+    cmd = with_launcher(train_cmd(ws, config, guarded, *SAVE_EVERY_STEP, *flags, "--skip-window",
+                                  "6", "--skip-sigma", "1000"), num_gpus=ranks,
+                        master_port=str(free_port()))
     out = run(cmd, extra_env={LOSS_ENV: "4:nan,7:1000"}, timeout=300).stdout
     assert f"on {ranks} ranks" in out
     g = steps(guarded)
@@ -141,10 +142,9 @@ def test_a_nan_and_a_spike_are_skipped(ws, tmp_path: Path, layout: tuple[str, ..
         return  # (time: the reference run below is made for the other three layouts)
     # The same steps skipped by name (no injection, no outlier rule): the same run.
     told = tmp_path / "told"
-    cmd = train_cmd(ws, config, told, *SAVE_EVERY_STEP, *flags, "--skip-sigma", "0",
-                    "--skip-steps", "4", "7")
-    cmd[cmd.index("--num_gpus") + 1] = ranks
-    run(cmd, timeout=300)
+    run(with_launcher(train_cmd(ws, config, told, *SAVE_EVERY_STEP, *flags, "--skip-sigma", "0",
+                                "--skip-steps", "4", "7"), num_gpus=ranks,
+                          master_port=str(free_port())), timeout=300)
     t = steps(told)
     assert [s for s in t if t[s]["skipped"]] == [4, 7]
     assert all(t[s]["loss"] == g[s]["loss"] for s in (1, 2, 3, 5, 6, 8, 9))

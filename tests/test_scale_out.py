@@ -17,7 +17,14 @@ import torch
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.model.model import ArgonneModel, init_by_name
 from argonne_ds.testing import free_port, run_distributed_test
-from tests.train_helpers import env, run, run_until_step_then, steps, train_cmd
+from tests.train_helpers import (
+    env,
+    run,
+    run_until_step_then,
+    steps,
+    train_cmd,
+    with_launcher,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -123,14 +130,6 @@ def test_no_two_blocks_start_alike() -> None:
 # ---- the whole job through the deepspeed launcher: 4 ranks as two "nodes" x 2 ----------------
 
 
-def _launch(cmd: list[str], **launcher: str | None) -> list[str]:
-    """train_cmd's command with other launcher flags (e.g. num_gpus="4", or a hostfile node;
-    None: a flag without a value)."""
-    i, j = cmd.index("deepspeed.launcher.runner") + 1, cmd.index("--module")
-    flags = [x for k, v in launcher.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
-    return [*cmd[:i], *flags, *cmd[j:]]
-
-
 @pytest.mark.parametrize(("stages", "zero"), [(2, 1), (0, 3)], ids=["pipeline", "zero3"])
 def test_activation_checkpointing_from_the_json_changes_no_loss(pipeline_2: dict, stages: int,
                                                                  zero: int) -> None:
@@ -160,8 +159,8 @@ def test_pipeline_x_data_parallel_as_two_nodes(ws, tmp_path: Path) -> None:
     base = train_cmd(ws, "cpu_pipeline.json", nodes, *common)
     port = base[base.index("--master_port") + 1]
     procs = [subprocess.Popen(  # one launcher per node, node 1 first (as under Slurm)
-        _launch(base, hostfile=str(hostfile), no_ssh=None, node_rank=str(k),
-                master_addr="127.0.0.1", master_port=port),
+        with_launcher(base, hostfile=str(hostfile), no_ssh=None, node_rank=str(k),
+                      master_addr="127.0.0.1", master_port=port),
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True) for k in (1, 0)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -176,7 +175,7 @@ def test_pipeline_x_data_parallel_as_two_nodes(ws, tmp_path: Path) -> None:
 
     killed = tmp_path / "killed"
     def four() -> list[str]:
-        return _launch(train_cmd(ws, "cpu_pipeline.json", killed, *common), num_gpus="4",
+        return with_launcher(train_cmd(ws, "cpu_pipeline.json", killed, *common), num_gpus="4",
                        master_port=str(free_port()))
 
     run_until_step_then(four(), killed, 6, signal.SIGKILL, timeout=300)

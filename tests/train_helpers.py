@@ -47,6 +47,14 @@ def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
             "--master_port", str(free_port()), "-m", "argonne_ds.cli", *args]
 
 
+def with_launcher(cmd: list[str], **launcher: str | None) -> list[str]:
+    """train_cmd's command with other launcher flags (e.g. num_gpus="4", or a hostfile node;
+    None: a flag without a value)."""
+    i, j = cmd.index("deepspeed.launcher.runner") + 1, cmd.index("--module")
+    flags = [x for k, v in launcher.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
+    return [*cmd[:i], *flags, *cmd[j:]]
+
+
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}  # wandb/ in --output-dir
     return {**base, **cpu_env(), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT),
