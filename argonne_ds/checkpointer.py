@@ -27,6 +27,7 @@ from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine import Engine
 from argonne_ds.faults import slow_save
 from argonne_ds.metrics import format_duration, say
+from argonne_ds.model.pipe import parameters_partition
 from argonne_ds.run_config import ConfigError, RunConfig, compare
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ class Checkpointer:
             raise ConfigError(f"--checkpoint-path {given}: no complete checkpoint there")
         for tag in candidates:
             info = self._check_compatible(directory / tag)
+            if info.get("mode") == "pipeline" and info.get("pipeline_parts") is None:
+                # Written before markers held the stage bounds: every pipeline then used
+                # DeepSpeed's "parameters" partition (the shipped JSONs and the default).
+                info["pipeline_parts"] = parameters_partition(
+                    self.engine.model_config, int(info["pipeline_stages"]))
             # Keys an older marker lacks (None) are not counted as changes.
             if any(info.get(k) not in (None, v) for k, v in self.engine.layout().items()):
                 state = self._resume_resharded(directory / tag, info)

@@ -15,12 +15,30 @@ from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig, add_f
 
 def _model_info(args: argparse.Namespace) -> int:
     from argonne_ds.config import load_model_config
+    from argonne_ds.ds_config import read_ds_config
     from argonne_ds.model.info import format_model_info, model_info
+    from argonne_ds.model.memory import format_memory_report, memory_report
 
     source = args.config or args.preset
     config = load_model_config(source)
-    info = model_info(config, args.gpus)
-    print(json.dumps(info, indent=2) if args.json else format_model_info(source, info))
+    gpus = args.gpus or ([8] if args.ds_config else [1, 2, 4, 8, 16])
+    seq = args.block_size or config.max_position_embeddings
+    info = model_info(config, gpus)
+    if any(1 < n <= config.num_hidden_layers + 3 for n in gpus):
+        from argonne_ds.model.pipe import partition_report  # imports deepspeed
+
+        info["partition"] = [partition_report(config, n, seq) for n in gpus
+                             if 1 < n <= config.num_hidden_layers + 3]
+    if args.ds_config:
+        ds = read_ds_config(args.ds_config)
+        info["plans"] = {str(n): memory_report(config, ds, n, seq, args.gpu_memory)
+                         for n in gpus}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(format_model_info(source, info))
+    for report in info.get("plans", {}).values():
+        print(format_memory_report(f"{source} with {args.ds_config}", report))
     return 0
 
 
@@ -163,8 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", default="argonne2",
                      help="preset name (argonne2, argonne2-orig, argonne2-1b, tiny)")
     src.add_argument("--config", help="model config JSON (or a directory with config.json)")
-    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+    p.add_argument("--gpus", type=int, nargs="+", default=None,
                    help="GPU counts (pipeline stages / ZeRO-3 ranks) to plan for")
+    p.add_argument("--ds-config", metavar="JSON",
+                   help="a DeepSpeed JSON: plan its memory per GPU (activations included)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per sample (default: the model's context length)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of one GPU in GiB for the plan (default 80)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_model_info)
 

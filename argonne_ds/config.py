@@ -50,6 +50,9 @@ class ArgonneConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_flash_attention: bool = True,
         use_gradient_checkpointing: bool = False,
+        document_masking: bool = False,
+        document_positions: bool = False,
+        document_separator_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         explicit = {
@@ -80,6 +83,12 @@ class ArgonneConfig(PretrainedConfig):
         self.initializer_range = float(initializer_range)
         self.use_flash_attention = bool(use_flash_attention)
         self.use_gradient_checkpointing = bool(use_gradient_checkpointing)
+        # Packed blocks hold several documents, each ended by the separator: attend only within
+        # a document, and/or restart the RoPE positions at each document (model.py).
+        self.document_masking = bool(document_masking)
+        self.document_positions = bool(document_positions)
+        self.document_separator_id = (
+            None if document_separator_id is None else int(document_separator_id))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
 
@@ -108,6 +117,20 @@ class ArgonneConfig(PretrainedConfig):
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         for name in ("attention_dropout", "hidden_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        if self.uses_document_ids:
+            option = "document_masking" if self.document_masking else "document_positions"
+            sep = self.document_separator_id
+            need(sep is not None,
+                 f"{option}=true needs document_separator_id, the token id that ends every "
+                 "document in the packed data (Qwen's <|endoftext|> is 151643; `argonne-ds "
+                 "prepare` prints the tokenizer's)")
+            need(0 <= sep < self.vocab_size,
+                 f"document_separator_id {sep} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def uses_document_ids(self) -> bool:
+        """The blocks need each position's document: masking, restarted positions, or both."""
+        return self.document_masking or self.document_positions
 
     # Argonne 1.x names, read-only.
     @property

@@ -105,7 +105,7 @@ class Engine:
             pipe = self.ds_config["pipeline"]
             model: nn.Module = build_pipeline_module(
                 model_config, num_stages=int(pipe["stages"]),
-                partition_method=pipe.get("partition_method", "parameters"),
+                partition_method=pipe.get("partition_method", "compute"),
                 activation_checkpoint_interval=int(pipe.get("activation_checkpoint_interval", 0))
                 or int(recompute))
         elif self.mode == "zero3":
@@ -235,7 +235,10 @@ class Engine:
         layout is converted on resume (reshard.py)."""
         return {"mode": self.mode, "world_size": self.world_size,
                 "pipeline_stages": int((self.ds_config.get("pipeline") or {}).get("stages", 0)),
-                "zero_stage": int(self.engine.zero_optimization_stage())}
+                "zero_stage": int(self.engine.zero_optimization_stage()),
+                # Which layers each stage holds (the ZeRO-1 optimizer files are per stage).
+                "pipeline_parts": [int(b) for b in self.module.parts]
+                if self.mode == "pipeline" else None}
 
     # ---- agreement between ranks: every rank calls these, in the same order ----------------
     def any_rank(self, *flags: bool) -> list[bool]:

@@ -20,13 +20,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.model.model import count_parameters
+from argonne_ds.model.partition import layer_flops
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peak TFLOP/s from the datasheets (the MFU denominator).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
-               "MI300X": 1307.0, "GH200": 989.0, "B200": 2250.0}
+# Dense bf16 peak TFLOP/s from the datasheets (the MFU denominator), matched against
+# torch.cuda.get_device_name() in this order: the first key found in the name wins, so the
+# variants come before their family ("NVIDIA H100 PCIe" is 756, "NVIDIA H100 80GB HBM3" the SXM
+# part at 989; "NVIDIA GH200 480GB" before "H200").
+PEAK_TFLOPS: dict[str, float] = {
+    "GH200": 989.0, "H200": 989.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+    "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+    "MI300X": 1307.0, "B200": 2250.0,
+}
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:
@@ -39,12 +46,10 @@ def peak_tflops(device_name: str, override: float | None = None) -> float | None
 
 
 def flops_per_token(config: ArgonneConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM-style: 6 x matmul parameters (the head included, the
-    embedding lookup not) + 12 x layers x attention width x sequence length."""
-    counts = count_parameters(config)
-    matmul = counts["total"] - config.vocab_size * config.hidden_size
-    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul + attn
+    """Training FLOPs per token: 3 x the forward FLOPs of every layer (model/info.py: 2 x the
+    matmul parameters, the head included and the embedding lookup not, plus causal attention,
+    which scores each query against (T + 1) / 2 keys on average, not T)."""
+    return 3 * sum(layer_flops(config, seq_len))
 
 
 def say(rank0: bool, line: str, bar: Any = None) -> None:

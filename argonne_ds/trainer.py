@@ -45,7 +45,7 @@ from argonne_ds.reliability import (
     read_backoff,
     write_backoff,
 )
-from argonne_ds.run_config import DEFAULT_CACHE_DIR, RunConfig
+from argonne_ds.run_config import DEFAULT_CACHE_DIR, ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def setup(run: RunConfig) -> Job:
         run.data, global_batch_size=engine.global_batch_size,
         micro_batch_size=engine.micro_batch_size, dp_rank=engine.dp_rank,
         dp_world=engine.dp_world, model_vocab_size=model_config.vocab_size, show_progress=rank0)
+    check_document_separator(model_config, tok)
     resolved = {"run": run.to_dict(), "deepspeed": ds_config, "model": model_config.to_dict(),
                 "max_steps": max_steps, "mode": engine.mode, "world_size": world}
     checkpointer = Checkpointer(run, engine, data, tok, resolved)
@@ -181,6 +182,16 @@ def _model_config(run: RunConfig) -> ArgonneConfig:
 
         return hf_model_config(run.train.from_hf)
     return load_model_config(run.train.model)
+
+
+def check_document_separator(config: ArgonneConfig, tok: LoadedTokenizer) -> None:
+    """Document masking/positions find documents by the model config's separator id: another id
+    than the one the data was packed with would, silently, make each block one document."""
+    if config.uses_document_ids and config.document_separator_id != tok.separator_id:
+        raise ConfigError(
+            f"the model config's document_separator_id is {config.document_separator_id}, but "
+            f"the tokenizer {tok.path} ends documents with {tok.separator!r} = "
+            f"{tok.separator_id}; set document_separator_id to {tok.separator_id}")
 
 
 def _initial_weights(run: RunConfig) -> Mapping[str, torch.Tensor] | None:

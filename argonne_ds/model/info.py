@@ -12,17 +12,10 @@ from dataclasses import asdict, dataclass
 
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.model.model import count_parameters
+from argonne_ds.model.partition import pipeline_layer_params
 
 WEIGHT_B, GRAD_B, MASTER_B, ADAM_B = 2, 2, 4, 8
 GIB = 1024**3
-
-
-def pipeline_layer_params(config: ArgonneConfig) -> list[int]:
-    """Parameters of each pipeline layer, in pipe.py's order: embedding, blocks, norm, head."""
-    counts = count_parameters(config)
-    embed = config.vocab_size * config.hidden_size
-    head = 0 if config.tie_word_embeddings else embed
-    return [embed, *[counts["per_block"]] * config.num_hidden_layers, config.hidden_size, head]
 
 
 def balanced_partition(weights: list[int], parts: int) -> list[int]:
@@ -100,4 +93,12 @@ def format_model_info(name: str, info: dict) -> str:
         host = f"{m['host_gib']:>10.1f}" if m["host_gib"] else f"{'-':>10}"
         lines.append(f"  {m['mode']:<15}{m['gpus']:>5}{m['params_per_gpu']:>16,}"
                      f"{m['gpu_gib']:>10.1f}{host}")
+    if info.get("partition"):
+        lines.append("pipeline partition by compute (layers: 0 embedding, 1..L blocks, then norm "
+                     "and head; compute in blocks' FLOPs)")
+    for p in info.get("partition", []):
+        spans = " | ".join(f"{a}-{b - 1}: {x:g}" for a, b, x in zip(
+            p["bounds"], p["bounds"][1:], p["blocks_of_compute"]))
+        lines.append(f"  {p['stages']:>2} stages  {spans}  balance {100 * p['balance']:.2f} % "
+                     f"(DeepSpeed 'parameters': {100 * p['parameters_balance']:.2f} %)")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, y[s:s + chunk].clamp(min=0)[:, None])[:, 0]
             total += ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+            del logits, picked  # else the next chunk's logits are made beside these
         count = valid.sum()
         ctx.save_for_backward(h, weight, y, lse, count)
         ctx.chunk, ctx.shape = chunk, hidden.shape
@@ -54,6 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[s:s + ctx.chunk] = g @ weight
             if grad_w is not None:
                 grad_w += (g.t() @ hc).float()
+            del g  # else the next chunk's logits are made beside this chunk's gradient
         return (None if grad_h is None else grad_h.reshape(ctx.shape),
                 None if grad_w is None else grad_w.to(weight.dtype), None, None)
 

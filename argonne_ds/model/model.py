@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 try:  # optional extra `[flash]`; builds only against CUDA
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure (missing, ABI mismatch) means "not available"
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
 
 _logged_backends: set[str] = set()
 
@@ -101,13 +103,77 @@ def rotary_at(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dty
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# ---- documents: a packed block holds several, each ended by the separator (data/stream.py) -----
+
+
+def document_ids(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """(B, T) -> (B, T) int64: the document of its row each position belongs to, from 0. A
+    document starts at position 0 and right after each separator; a separator belongs to the
+    document it ends."""
+    ends = (input_ids == separator_id).long()
+    return ends.cumsum(-1) - ends  # separators strictly before t
+
+
+def _document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where a document begins."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) int64: each position's offset inside its document (0 at every start)."""
+    t = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    start_of_doc = torch.where(_document_starts(doc_ids), t, 0).cummax(dim=-1).values
+    return t - start_of_doc
+
+
+@dataclass(frozen=True)
+class DocumentAttention:
+    """Attention kept inside each document: the SDPA mask, or where flash-attn runs its varlen
+    form (documents as separate sequences: no (T, T) mask, no work on pairs across documents).
+    The plain model builds it once per forward for every block; a pipeline block from the
+    document ids the stages pass on (pipe.py)."""
+
+    mask: torch.Tensor | None = None  # (B, 1, T, T) bool: causal and same document (SDPA)
+    cu_seqlens: torch.Tensor | None = None  # (N + 1,) int32: document starts in the B*T tokens
+    max_seqlen: int = 0  # the longest document (flash-attn varlen)
+
+    @classmethod
+    def build(cls, doc_ids: torch.Tensor, flash: bool) -> DocumentAttention:
+        B, T = doc_ids.shape
+        if flash:
+            # Documents never cross rows (every row starts one), so the flattened starts are
+            # the cumulative lengths. max_seqlen costs one host sync per forward.
+            starts = _document_starts(doc_ids).flatten().nonzero().flatten()
+            cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+            return cls(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        return cls(mask=(same_doc & causal)[:, None])
+
+
+def document_layout(doc_ids: torch.Tensor, x: torch.Tensor, config: ArgonneConfig
+                    ) -> tuple[DocumentAttention | None, torch.Tensor | None]:
+    """What the blocks take from the document ids (B, T), given the hidden states x (B, T, C):
+    the attention restriction (document_masking) and the positions (document_positions), each
+    None when its option is off."""
+    docs = None
+    if config.document_masking:
+        flash = (config.use_flash_attention and _flash_attn_varlen_func is not None
+                 and flash_attention_usable(x, config.head_dim)[0])
+        docs = DocumentAttention.build(doc_ids, flash)
+    positions = document_positions(doc_ids) if config.document_positions else None
+    return docs, positions
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, D); cos/sin: (T, D), broadcast over batch and heads."""
+    """x: (B, heads, T, D); cos/sin: (T, D) or (B, 1, T, D), broadcast over batch and heads."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -127,10 +193,11 @@ class Attention(nn.Module):
         self.use_flash = config.use_flash_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None,
+                docs: DocumentAttention | None = None) -> torch.Tensor:
         """cache: [k, v] of earlier positions, extended in place (generation); mask: (B, 1, T, S)
-        bool, True = may attend (left padding). Training passes neither."""
+        bool, True = may attend (left padding); docs: attention kept inside each document.
+        Training passes docs at most."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -140,11 +207,31 @@ class Attention(nn.Module):
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]  # (B, K, S, D): S = all positions so far
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               enable_gqa=self.n_kv != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         dropout = self.dropout if self.training else 0.0
+        if docs is not None and docs.cu_seqlens is not None:
+            _log_backend_once("flash-attn varlen", "document masking on CUDA")
+            # The B*T tokens as one ragged batch of documents, each causal on its own.
+            y = _flash_attn_varlen_func(
+                q.transpose(1, 2).reshape(B * T, self.n_heads, self.head_dim),
+                k.transpose(1, 2).reshape(B * T, self.n_kv, self.head_dim),
+                v.transpose(1, 2).reshape(B * T, self.n_kv, self.head_dim),
+                docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
+                dropout_p=dropout, causal=True)  # (B*T, H, D)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        if docs is not None:
+            _log_backend_once("sdpa + document mask", "document masking without flash-attn")
+            mask = docs.mask
+        if mask is not None:
+            gqa = self.n_kv != self.n_heads
+            if gqa and q.is_cuda:
+                # CUDA's masked SDPA kernel (memory-efficient) takes no enable_gqa; with it torch
+                # falls back to the math kernel and its (B, H, T, S) scores.
+                k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                gqa = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               enable_gqa=gqa)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         usable, reason = flash_attention_usable(q, self.head_dim) if self.use_flash else (
             False, "disabled by config")
         if usable:
@@ -186,9 +273,9 @@ class ArgonneBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, cache, mask))
+                cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None,
+                docs: DocumentAttention | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, cache, mask, docs))
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -301,12 +388,19 @@ class ArgonneModel(ArgonnePreTrainedModel):
                 f"({self.config.max_position_embeddings})"
             )
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rotary(T, x.device, x.dtype)  # (T, D) each
+        docs, positions = None, None
+        if self.config.uses_document_ids:
+            doc_ids = document_ids(input_ids, self.config.document_separator_id)  # (B, T)
+            docs, positions = document_layout(doc_ids, x, self.config)
+        if positions is None:
+            cos, sin = self.rotary(T, x.device, x.dtype)  # (T, D) each
+        else:
+            cos, sin = rotary_at(self.rotary, positions, x.dtype)  # (B, 1, T, D) each
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, docs=docs, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, docs=docs)
         if labels is not None:
             return CausalLMOutput(loss=self.lm_head(self.norm(x), labels))
         return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)

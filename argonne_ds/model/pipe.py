@@ -5,7 +5,10 @@ Layer i of the pipeline (global index, independent of how layers are split over 
     1 .. L      BlockPipe       hidden -> hidden (block i-1 of the plain model)
     L + 1       NormPipe        final RMSNorm
     L + 2       HeadPipe        hidden -> logits (B, T, V)
-and the loss (`causal_lm_loss`) as the module's loss_fn on the last stage.
+and the loss (`causal_lm_loss`) as the module's loss_fn on the last stage. With document masking
+or document positions on, the embedding also returns each position's document id (B, T) int64 and
+the blocks pass the tuple (hidden, doc_ids) on: DeepSpeed sends tuples between stages and returns
+gradients only for the floating tensors, as gpt-neox passes its attention mask.
 
 The *Pipe classes subclass the plain modules and only adapt `forward`, so the parameter names inside
 each layer are the plain model's: `"<layer>.<path>"` maps to the plain name by a fixed table
@@ -27,10 +30,22 @@ from argonne_ds.model.model import (
     RMSNorm,
     RotaryEmbedding,
     causal_lm_loss,
+    document_ids,
+    document_layout,
     init_module,
+    rotary_at,
+)
+from argonne_ds.model.partition import (
+    balance,
+    compute_partition,
+    layer_flops,
+    pipeline_layer_params,
+    stage_loads,
 )
 
-PARTITION_METHODS = ("parameters", "uniform", "type:BlockPipe")
+# "compute": by forward FLOPs (model/info.py), from the config alone; DeepSpeed's own methods
+# stay available ("parameters" builds every layer on every rank to count its parameters).
+PARTITION_METHODS = ("compute", "parameters", "uniform", "type:BlockPipe")
 
 
 def _init(module: nn.Module, config: ArgonneConfig) -> None:
@@ -38,29 +53,58 @@ def _init(module: nn.Module, config: ArgonneConfig) -> None:
         init_module(m, config)
 
 
+# Between stages with document masking/positions on: hidden (B, T, C) and doc_ids (B, T) int64.
+Documented = tuple[torch.Tensor, torch.Tensor]
+
+
 class EmbeddingPipe(nn.Embedding):
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.vocab_size, config.hidden_size)
+        self.separator_id = config.document_separator_id if config.uses_document_ids else None
         _init(self, config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | Documented:
+        x = super().forward(input_ids)  # (B, T, C)
+        if self.separator_id is None:
+            return x
+        # Only the first stage sees the tokens, so the ids travel on with the hidden states; an
+        # integer tensor gets no gradient: the backward between stages carries the hidden's.
+        return x, document_ids(input_ids, self.separator_id)
 
 
 class BlockPipe(ArgonneBlock):
-    """A block that computes its own RoPE tables (cheap, fp32) so stages pass only hidden states."""
+    """A block that computes its own RoPE tables (cheap, fp32) so stages pass only hidden states
+    (and the document ids, when document masking or positions are on)."""
 
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.num_hidden_layers = config.num_hidden_layers
+        self.config = config if config.uses_document_ids else None
         _init(self, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
-        return super().forward(x, cos, sin)
+    def forward(self, inputs: torch.Tensor | Documented) -> torch.Tensor | Documented:
+        if self.config is None:  # (B, T, C) -> (B, T, C)
+            cos, sin = self.rotary(inputs.shape[1], inputs.device, inputs.dtype)
+            return super().forward(inputs, cos, sin)
+        x, doc_ids = inputs  # (B, T, C), (B, T)
+        # Rebuilt in every block from the ids (O(B*T*T) compares, small next to attention):
+        # sending the (B, 1, T, T) mask between stages would cost far more.
+        docs, positions = document_layout(doc_ids, x, self.config)
+        if positions is None:
+            cos, sin = self.rotary(x.shape[1], x.device, x.dtype)  # (T, D)
+        else:
+            cos, sin = rotary_at(self.rotary, positions, x.dtype)  # (B, 1, T, D)
+        return super().forward(x, cos, sin, docs=docs), doc_ids
 
 
 class NormPipe(RMSNorm):
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.hidden_size, config.rms_norm_eps)
+        self.drops_doc_ids = config.uses_document_ids
+
+    def forward(self, inputs: torch.Tensor | Documented) -> torch.Tensor:
+        return super().forward(inputs[0] if self.drops_doc_ids else inputs)  # (B, T, C)
 
 
 class HeadPipe(nn.Linear):
@@ -83,20 +127,45 @@ def layer_specs(config: ArgonneConfig) -> list[LayerSpec]:
     ]
 
 
+class ArgonnePipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule with one more partition method, "compute": the stage bounds
+    are given (model/info.py's `compute_partition` of each layer's FLOPs), nothing is built."""
+
+    def __init__(self, *args: object, compute_bounds: list[int] | None = None,
+                 **kwargs: object) -> None:
+        self._compute_bounds = compute_bounds  # read by _partition_layers inside __init__
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if method != "compute":
+            super()._partition_layers(method)
+            return
+        assert self._compute_bounds is not None
+        self.parts = list(self._compute_bounds)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
 def build_pipeline_module(
     config: ArgonneConfig,
     num_stages: int,
-    partition_method: str = "parameters",
+    partition_method: str = "compute",
     activation_checkpoint_interval: int = 0,
+    seq_len: int | None = None,
     **kwargs: object,
 ) -> PipelineModule:
-    """The model as a `PipelineModule`. Needs an initialised process group (deepspeed.comm)."""
+    """The model as a `PipelineModule`. Needs an initialised process group (deepspeed.comm).
+    `seq_len` (default: the context length) weighs attention in the "compute" partition."""
     if partition_method not in PARTITION_METHODS:
         raise ValueError(
             f"partition_method {partition_method!r}: choose one of {PARTITION_METHODS}")
     if activation_checkpoint_interval == 0 and config.use_gradient_checkpointing:
         activation_checkpoint_interval = 1
-    return PipelineModule(
+    bounds = None
+    if partition_method == "compute":
+        flops = layer_flops(config, seq_len or config.max_position_embeddings)
+        bounds = compute_partition(flops, num_stages)
+    return ArgonnePipelineModule(
         layers=layer_specs(config),
         num_stages=num_stages,
         loss_fn=causal_lm_loss,
@@ -104,8 +173,30 @@ def build_pipeline_module(
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Only blocks: with reentrant checkpointing a checkpointed embedding gets no gradient.
         checkpointable_layers=["BlockPipe"],
+        compute_bounds=bounds,
         **kwargs,
     )
+
+
+def parameters_partition(config: ArgonneConfig, num_stages: int) -> list[int]:
+    """The bounds DeepSpeed's "parameters" method gives (its `partition_balanced` of each
+    layer's parameter count), counted from the config instead of built layers."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    return [int(b) for b in partition_balanced(pipeline_layer_params(config), num_stages)]
+
+
+def partition_report(config: ArgonneConfig, stages: int, seq_len: int) -> dict:
+    """Each stage's layers and compute under the "compute" partition, against DeepSpeed's
+    "parameters" one (its partition_balanced of the parameter counts)."""
+    flops = layer_flops(config, seq_len)
+    block = flops[1] if config.num_hidden_layers else 1.0
+    bounds = compute_partition(flops, stages)
+    params = parameters_partition(config, stages)
+    return {"stages": stages, "bounds": bounds,
+            "blocks_of_compute": [round(x / block, 2) for x in stage_loads(flops, bounds)],
+            "balance": balance(flops, bounds), "parameters_bounds": params,
+            "parameters_balance": balance(flops, params)}
 
 
 # ---- state conversion: pipeline "<layer>.<path>" <-> plain model names ------------------------
