@@ -57,6 +57,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="a Hugging Face folder (e.g. from argonne-ds export)")
     src.add_argument("--checkpoint", help="an argonne-ds checkpoint (folder or global_stepN)")
+    p.add_argument("--device", default="auto",
+                   help="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -125,7 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    model, tok = load_for_generation(args.model_path, args.checkpoint)
+    model, tok = load_for_generation(args.model_path, args.checkpoint, args.device, args.dtype)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                               seed=args.seed)
@@ -143,7 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     from argonne_ds.evaluate import evaluate
     from argonne_ds.generate import load_for_generation
 
-    model, tok = load_for_generation(args.model_path, args.checkpoint)
+    model, tok = load_for_generation(args.model_path, args.checkpoint, args.device, args.dtype)
     data = DataConfig(**given(args, DataConfig), tokenizer_path=tok.name_or_path)
     data.block_size = min(data.block_size, model.config.max_position_embeddings)
     result = evaluate(model, data, args.batch_size, args.max_batches,
@@ -153,7 +157,8 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(f"[eval] loss {result['loss']:.4f} | perplexity {result['perplexity']:,.2f} | "
               f"{result['tokens']:,} tokens in {result['blocks']:,} blocks of "
-              f"{result['block_size']} | {result['tokens_per_s']:,.0f} tok/s")
+              f"{result['block_size']} | {result['tokens_per_s']:,.0f} tok/s on "
+              f"{result['device']} in {result['dtype']}")
     return 0
 
 

@@ -34,9 +34,10 @@ def evaluate(model: ArgonneModel, data: DataConfig, batch_size: int = 8,
             break
         if n is not None and it.samples > n:  # wrapped into the next epoch: drop those blocks
             x, y = x[:n - first], y[:n - first]
-        logits = model(x).logits
-        total_loss += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        # The chunked head + loss (model/loss.py): never the whole (B, T, V) logits.
+        device = model.lm_head.weight.device
+        mean = model(x.to(device), labels=y.to(device)).loss
+        total_loss += float(mean) * y.numel()
         tokens += y.numel()
         done += 1
         bar.update(len(x))
@@ -49,4 +50,5 @@ def evaluate(model: ArgonneModel, data: DataConfig, batch_size: int = 8,
     elapsed = time.perf_counter() - t0
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens,
             "blocks": tokens // data.block_size, "tokens_per_s": tokens / elapsed,
-            "block_size": data.block_size}
+            "block_size": data.block_size, "device": str(model.lm_head.weight.device),
+            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}

@@ -93,10 +93,21 @@ def generate_text(model: ArgonneModel, tok: Any, prompts: list[str], sampling: S
     return texts
 
 
-def load_for_generation(model_path: str | None = None, checkpoint: str | None = None
-                        ) -> tuple[ArgonneModel, Any]:
-    """An HF folder (exported or Llama/Mistral-shaped) or an argonne-ds checkpoint -> (model,
-    transformers tokenizer)."""
+def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where inference runs: "auto" is the GPU when there is one, in bf16 when it supports it
+    (fp32 elsewhere: CPUs are slow in bf16 and eval figures stay comparable)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                       if device == "auto" else device)
+    if dtype == "auto":
+        half = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dev, torch.bfloat16 if half else torch.float32
+    return dev, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def load_for_generation(model_path: str | None = None, checkpoint: str | None = None,
+                        device: str = "auto", dtype: str = "auto") -> tuple[ArgonneModel, Any]:
+    """An HF folder (exported or Llama/Mistral-shaped) or an argonne-ds checkpoint -> (model on
+    `device` in `dtype` (see `placement`), transformers tokenizer)."""
     from transformers import AutoTokenizer
 
     from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
@@ -117,5 +128,6 @@ def load_for_generation(model_path: str | None = None, checkpoint: str | None = 
         raise ValueError("give --model-path (a Hugging Face folder) or --checkpoint")
     model = ArgonneModel(config)
     model.load_state_dict(state)
+    dev, dt = placement(device, dtype)
     tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    return model.eval(), tok
+    return model.to(device=dev, dtype=dt).eval(), tok

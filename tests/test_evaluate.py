@@ -55,3 +55,11 @@ def test_eval_covers_every_block_once(tmp_path: Path, capsys) -> None:
                  "--block-size", "16", "--batch-size", "7", "--no-progress", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert math.isclose(out["loss"], ref, rel_tol=1e-5) and out["blocks"] == n
+    assert (out["device"], out["dtype"]) == ("cpu", "float32")  # auto without a GPU
+    # bf16, as "auto" runs on a GPU: the same blocks, the loss within bf16's rounding
+    assert main(["eval", "--model-path", str(hf), "--data-glob", data.data_glob[0],
+                 "--block-size", "16", "--batch-size", "7", "--no-progress", "--json",
+                 "--dtype", "bf16"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["dtype"] == "bfloat16" and half["blocks"] == n
+    assert math.isclose(half["loss"], ref, rel_tol=2e-2) and half["loss"] != out["loss"]
