@@ -34,6 +34,34 @@ def pipeline_stages(ds_config: dict[str, Any]) -> int:
     return int((ds_config.get("pipeline") or {}).get("stages", 1))
 
 
+COMPILE_KEY = "torch_compile"
+COMPILE_FIELDS = {"enabled": bool, "backend": str, "mode": (str, type(None)),
+                  "dynamic": (bool, type(None)), "fullgraph": bool}
+
+
+def compile_options(ds_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON's "torch_compile" section (ours: DeepSpeed's own "compile" section configures
+    DeepCompile and refuses other keys) as torch.compile's arguments, or None when off:
+    {"enabled": true, "backend": "inductor", "mode": null, "dynamic": null, "fullgraph": false}.
+    """
+    section = ds_config.get(COMPILE_KEY)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f'"{COMPILE_KEY}" must be an object like {{"enabled": true}}, got '
+                          f"{section!r}")
+    for key, value in section.items():
+        if key not in COMPILE_FIELDS:
+            raise ConfigError(f'"{COMPILE_KEY}.{key}" is not a setting; use '
+                              f"{', '.join(COMPILE_FIELDS)}")
+        if not isinstance(value, COMPILE_FIELDS[key]):
+            raise ConfigError(f'"{COMPILE_KEY}.{key}" = {value!r} has the wrong type')
+    if not section.get("enabled", True):
+        return None
+    return {"backend": section.get("backend", "inductor"), "mode": section.get("mode"),
+            "dynamic": section.get("dynamic"), "fullgraph": section.get("fullgraph", False)}
+
+
 def engine_mode(ds_config: dict[str, Any]) -> str:
     pipe = ds_config.get("pipeline") or {}
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
@@ -109,6 +137,7 @@ def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = N
             notes.append(f"{flag} {value} overrides {'.'.join(path)}={old}")
         node[path[-1]] = value
 
+    compile_options(ds)  # a bad section fails here, before any rank starts the engine
     stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")

@@ -24,8 +24,14 @@ from torch import nn
 
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.distributed import init_distributed
-from argonne_ds.ds_config import ConfigError, engine_mode
-from argonne_ds.model.model import ArgonneModel, RMSNorm, init_by_name, initial_value
+from argonne_ds.ds_config import COMPILE_KEY, ConfigError, compile_options, engine_mode
+from argonne_ds.model.model import (
+    ArgonneModel,
+    RMSNorm,
+    compile_blocks,
+    init_by_name,
+    initial_value,
+)
 from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
 logger = logging.getLogger(__name__)
@@ -119,9 +125,12 @@ class Engine:
             self._load_plain_state(model, init_state)
         else:
             self._init_by_name(model, seed)
+        self.compile_options = compile_options(self.ds_config)
+        self.compiled_blocks = (compile_blocks(model, **self.compile_options)
+                                if self.compile_options else 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
-            config=self.ds_config)
+            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY})
         self.module = model
         start_scheduler(self.scheduler)
         self._even_norm_collectives()

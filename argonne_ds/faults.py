@@ -102,6 +102,9 @@ class Faults:
         raise OutOfMemory(f"CUDA out of memory (injected in a block's {where} at step "
                           f"{self.step} on rank {self.rank})")
 
+    # Eager even inside a torch.compile'd block: traced, its step and counters would be guards
+    # and every step a recompilation.
+    @torch.compiler.disable
     def _block_hook(self, _module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
         if not (self.oom and self.oom.step == self.step and torch.is_grad_enabled()):
             return

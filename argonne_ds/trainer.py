@@ -86,6 +86,8 @@ def train(run: RunConfig) -> int:
     job.bar = tqdm(total=job.max_steps, initial=state.step, disable=None if job.rank0 else True,
                    unit="step", dynamic_ncols=True)
     hooks = [ProgressLog(job), HeldOutEval(job), Sample(job)]
+    if engine.compiled_blocks:
+        hooks.insert(0, CompileReport(job))
     stop, watchdog, faults = StopFlag(), Watchdog(rank, run.reliability.step_timeout), Faults(rank)
     guard = _guard(run, state)
     engine.guard_updates(lambda loss, norm: guard.verdict(state.step + 1, loss, norm))
@@ -233,6 +235,31 @@ class ProgressLog:
                 f"{job.data.samples:,} | ETA {eta}")
         job.sink.log({"step": state.step, "event": "throughput", "tok_s": tok_s})
         self.steps, self.t0 = 0, time.perf_counter()
+
+
+class CompileReport:
+    """With torch_compile: how long the first step took (it compiles), and after the second the
+    compilation's cost (the difference), on the console and in the metrics."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.t0, self.first = job, time.perf_counter(), None
+
+    def __call__(self, state: TrainState, result: StepResult) -> None:
+        now, took = time.perf_counter(), time.perf_counter() - self.t0
+        self.t0 = now
+        if self.first is None:
+            self.first = took
+            opts = self.job.engine.compile_options
+            self.job.say(f"[compile] torch.compile ({opts['backend']}"
+                         f"{', mode ' + opts['mode'] if opts['mode'] else ''}) of "
+                         f"{self.job.engine.compiled_blocks} blocks: the first step took "
+                         f"{took:.1f} s, compilation included")
+        elif self.first is not False:
+            self.job.say(f"[compile] compiling cost ~{self.first - took:.1f} s (step "
+                         f"{state.step - 1} {self.first:.1f} s, step {state.step} {took:.1f} s)")
+            self.job.sink.log({"step": state.step, "event": "compile",
+                               "compile_s": self.first - took})
+            self.first = False
 
 
 class HeldOutEval:

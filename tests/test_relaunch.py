@@ -15,7 +15,7 @@ import pytest
 
 from argonne_ds.faults import HANG_ENV, OOM_ENV
 from argonne_ds.reliability import BACKOFF_FILE
-from tests.train_helpers import finish, make_workspace, start, steps, tiny_job, train_sh
+from tests.train_helpers import LAUNCH, finish, make_workspace, start, steps, tiny_job, train_sh
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 TIMEOUT = 300
@@ -67,14 +67,24 @@ def test_a_hang_prints_every_stack_and_is_relaunched(ws, references, tmp_path: P
                for s in a)
 
 
-@pytest.mark.parametrize(("config", "where", "rank"), [
-    ("cpu_pipeline.json", "forward", 1),  # the last stage fails, the first waits in a send
-    ("cpu_zero3.json", "backward", 0),  # one rank fails in backward, the other reduces
-], ids=["pipeline-forward", "zero3-backward"])
+@pytest.mark.parametrize(("config", "where", "rank", "compiled"), [
+    ("cpu_pipeline.json", "forward", 1, False),  # the last stage fails, the first waits
+    ("cpu_zero3.json", "backward", 0, False),  # one rank fails in backward, the other reduces
+    ("cpu_pipeline.json", "forward", 1, True),  # inside torch.compile'd blocks
+], ids=["pipeline-forward", "zero3-backward", "compiled-pipeline-forward"])
 def test_an_oom_inside_one_rank_is_relaunched_at_half_the_micro_batch(
-        ws, references, tmp_path: Path, config: str, where: str, rank: int) -> None:
+        ws, references, tmp_path: Path, config: str, where: str, rank: int,
+        compiled: bool) -> None:
     out = tmp_path / "oom"
-    code, log = train(ws, config, out, MAX_RESTARTS="1", **{OOM_ENV: f"{where}:3@{rank}"})
+    json_path = config
+    if compiled:
+        ds = json.loads((LAUNCH.parent / "ds_configs" / config).read_text())
+        ds["torch_compile"] = {"enabled": True, "backend": "inductor"}
+        json_path = str(tmp_path / "compiled.json")
+        Path(json_path).write_text(json.dumps(ds))
+    code, log = train(ws, json_path, out, MAX_RESTARTS="1", **{OOM_ENV: f"{where}:3@{rank}"})
+    if compiled:  # both launches compiled, and said how long it took
+        assert log.count("[compile] torch.compile (inductor) of ") == 2, log[-3000:]
     assert code == 0, log[-4000:]
     assert f"rank {rank} ran out of memory in step 3 at micro-batch 4" in log
     assert "relaunch 1 of 1" in log and "micro-batch 2, not 4" in log

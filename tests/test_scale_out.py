@@ -79,7 +79,8 @@ def _train(rank: int, world: int, stages: int, zero: int, extra: dict | None = N
     losses = [engine.train_step(data).loss for _ in range(STEPS)]
     recomputed = (engine.engine.module.activation_checkpoint_interval if stages
                   else engine.module.gradient_checkpointing)
-    return {"held": held, "losses": losses, "dp": engine.dp_world, "recomputed": recomputed}
+    return {"held": held, "losses": losses, "dp": engine.dp_world, "recomputed": recomputed,
+            "compiled": engine.compiled_blocks}
 
 
 def _reference_init() -> dict[str, torch.Tensor]:
@@ -141,6 +142,23 @@ def test_activation_checkpointing_from_the_json_changes_no_loss(pipeline_2: dict
         stages, zero, {"activation_checkpointing": {}}))
     assert all(r["recomputed"] for r in recomputed) and not plain["recomputed"]
     assert recomputed[0]["losses"] == plain["losses"]
+
+
+@pytest.mark.parametrize(("stages", "zero"), [(2, 1), (0, 3)], ids=["pipeline", "zero3"])
+def test_torch_compile_from_the_json_keeps_the_losses(pipeline_2: dict, stages: int,
+                                                      zero: int) -> None:
+    """"torch_compile" compiles every block (inductor, on CPU here) of each stage or of the
+    ZeRO-3 model; the losses stay those of the eager run within float rounding (inductor fuses
+    and reorders), with activation checkpointing too."""
+    plain = pipeline_2 if stages else run_distributed_test(
+        _train, world_size=2, args=(stages, zero), timeout_s=240)[0]
+    extra = {"torch_compile": {"enabled": True, "backend": "inductor"},
+             "activation_checkpointing": {}}
+    compiled = run_distributed_test(_train, world_size=2, timeout_s=480,
+                                    args=(stages, zero, extra))
+    per_rank = CONFIG["num_hidden_layers"] // max(1, stages)
+    assert [r["compiled"] for r in compiled] == [per_rank] * 2 and not plain["compiled"]
+    assert compiled[0]["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.distributed

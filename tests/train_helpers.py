@@ -147,7 +147,7 @@ def tiny_job(ws: dict[str, str], out: Path, **extra: str) -> dict[str, str]:
 
 
 def train_sh(config: str = "cpu_pipeline.json") -> list[str]:
-    return ["bash", str(LAUNCH / "train.sh"), f"ds_configs/{config}",
+    return ["bash", str(LAUNCH / "train.sh"), config if "/" in config else f"ds_configs/{config}",
             "--fallback-vocab-size", "512"]
 
 
