@@ -106,3 +106,45 @@ def test_adam_step_keeps_each_optimizers_form() -> None:
 
     kernel = KernelAdam([torch.nn.Parameter(torch.ones(1))], {})
     assert adam_step_value(kernel, None, 4) == 4 and isinstance(adam_step_value(kernel, 1, 4), int)
+
+
+def _pipeline_json(folder: Path, partition: str) -> str:
+    config = json.loads((ROOT / "ds_configs" / "cpu_pipeline.json").read_text())
+    config["pipeline"]["partition_method"] = partition
+    path = folder / f"pipeline_{partition}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_new_stage_partition_is_converted_and_old_markers_count_as_parameters(
+        ws, tmp_path: Path) -> None:
+    """The ZeRO-1 optimizer files are per stage: a checkpoint whose stages held other layers
+    (here "uniform": layers 0-3 | 4-6, against "compute": 0-2 | 3-6) is converted, not loaded.
+    A marker written before the bounds were recorded is read as DeepSpeed's "parameters"
+    partition, the only one the shipped JSONs used (here 0-2 | 3-6, as "compute")."""
+    uniform, compute = _pipeline_json(tmp_path, "uniform"), _pipeline_json(tmp_path, "compute")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    flags = args("cpu_pipeline.json")
+    run(train_cmd(ws, uniform, a, *flags))
+    tag = f"global_step{SAVE}"
+    marker = json.loads((a / "checkpoints" / tag / "argonne_complete.json").read_text())
+    assert marker["pipeline_parts"] == [0, 4, 7]
+    shutil.copytree(a / "checkpoints" / tag, b / "checkpoints" / tag)
+    out = run(train_cmd(ws, compute, b, *flags)).stdout
+    assert "pipeline_parts [0, 4, 7]" in out and "converting it" in out, out
+    assert f"{tag} across layouts: step {SAVE}" in out
+    sa, sb = steps(a), steps(b)
+    for step in range(SAVE + 1, N + 1):
+        assert math.isclose(sa[step]["loss"], sb[step]["loss"], rel_tol=1e-6), step
+    # An older marker (no bounds) of a "parameters" run: native under "compute" (same bounds).
+    parameters = _pipeline_json(tmp_path, "parameters")
+    run(train_cmd(ws, parameters, c, *args("cpu_pipeline.json", max_steps=SAVE)))
+    path = c / "checkpoints" / tag / "argonne_complete.json"
+    old = json.loads(path.read_text())
+    assert old.pop("pipeline_parts") == [0, 3, 7]
+    path.write_text(json.dumps(old))
+    out = run(train_cmd(ws, compute, c, *flags)).stdout
+    assert f"resumed from {c / 'checkpoints'}/{tag}: step {SAVE}" in out, out
+    assert "converting" not in out

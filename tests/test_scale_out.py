@@ -120,6 +120,28 @@ def test_same_model_and_losses_on_4_ranks(pipeline_2: dict, layout: str) -> None
                                                                            pipeline_2["losses"])
 
 
+def test_compute_partition_on_4_stages_and_3(pipeline_2: dict) -> None:
+    """The shipped partition ("compute", by FLOPs) on 4 ranks as 4 stages (ZeRO-1) and on 3
+    ranks as 3 stages: each stage holds the layers model/partition.py computed, and the losses
+    are the 2-rank pipeline's."""
+    from argonne_ds.model.partition import compute_partition, layer_flops
+
+    flops = layer_flops(ArgonneConfig(**CONFIG), SEQ)
+    for world in (4, 3):
+        extra = {"pipeline": {"stages": world, "partition_method": "compute"}}
+        results = run_distributed_test(_train, world_size=world, args=(world, 1, extra),
+                                       timeout_s=240)
+        bounds = compute_partition(flops, world)
+        for stage, r in enumerate(results):
+            layers = range(bounds[stage], bounds[stage + 1])
+            want = {"embed_tokens.weight"} if 0 in layers else set()
+            want |= {f"blocks.{i - 1}." for i in layers if 1 <= i <= CONFIG["num_hidden_layers"]}
+            got = {k if not k.startswith("blocks.") else k[:k.index(".", 7) + 1]
+                   for k in r["held"]} - {"norm.weight", "lm_head.weight"}
+            assert got == want, (world, stage, sorted(got))
+            assert r["losses"] == pytest.approx(pipeline_2["losses"], abs=1e-5)
+
+
 def test_no_two_blocks_start_alike() -> None:
     reference = _reference_init()
     q = [reference[f"blocks.{i}.attn.q_proj.weight"] for i in range(CONFIG["num_hidden_layers"])]
