@@ -26,6 +26,7 @@ from argonne_ds.config import ArgonneConfig
 from argonne_ds.distributed import init_distributed
 from argonne_ds.ds_config import COMPILE_KEY, ConfigError, compile_options, engine_mode
 from argonne_ds.model.model import (
+    ArgonneBlock,
     ArgonneModel,
     RMSNorm,
     compile_blocks,
@@ -126,8 +127,13 @@ class Engine:
         else:
             self._init_by_name(model, seed)
         self.compile_options = compile_options(self.ds_config)
-        self.compiled_blocks = (compile_blocks(model, **self.compile_options)
-                                if self.compile_options else 0)
+        self.compiled_blocks = 0
+        if self.compile_options:
+            if self.mode == "zero3":
+                # ZeRO-3 then gathers a block's parameters in one hook on the block and puts
+                # none on its children: nothing of ZeRO-3 runs inside the compiled forward.
+                deepspeed.utils.set_z3_leaf_modules(model, [ArgonneBlock])
+            self.compiled_blocks = compile_blocks(model, **self.compile_options)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
             config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY})

@@ -76,11 +76,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def synthetic_batches(vocab_size: int, micro: int, seq_len: int, count: int,
-                      device: torch.device, seed: int = 0) -> list[Batch]:
+                      device: torch.device, seed: int = 0, separator: int | None = None,
+                      doc_len: int = 1024) -> list[Batch]:
     """`count` (input_ids, labels) micro-batches of uniform random tokens, already on `device`
-    so that no mode pays a host-to-device copy the others do not."""
+    so that no mode pays a host-to-device copy the others do not. `separator`: a document
+    separator every ~`doc_len` tokens (random lengths), for document masking."""
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, vocab_size, (count, micro, seq_len + 1), generator=g)
+    if separator is not None:
+        ends = torch.rand(blocks.shape, generator=g) < 1.0 / doc_len
+        blocks[ends] = separator
     return [(b[:, :-1].contiguous().to(device), b[:, 1:].contiguous().to(device)) for b in blocks]
 
 
@@ -100,9 +105,12 @@ class Runner(Protocol):
 
 
 def ds_config(mode: str, micro: int, accum: int, precision: str = "fp32",
-              fused: bool = True) -> dict[str, Any]:
+              fused: bool = True, compile: bool = False, deepspeed_adam: bool = False
+              ) -> dict[str, Any]:
     """A plain DeepSpeed JSON for one mode. No LR scheduler: the bare loop has none either.
-    `torch_adam` avoids the FusedAdam JIT build; `fused` reaches torch.optim.AdamW(fused=...)."""
+    `torch_adam` avoids the FusedAdam JIT build; `fused` reaches torch.optim.AdamW(fused=...);
+    `deepspeed_adam`: DeepSpeed's own FusedAdam instead (JIT-built with nvcc at the first run);
+    `compile`: the "torch_compile" section (every block through torch.compile, inductor)."""
     if mode not in ENGINE_MODES:
         raise ValueError(f"mode {mode!r}: choose from {ENGINE_MODES}")
     zero: dict[str, Any] = {"stage": {"zero0": 0, "zero1": 1, "zero3": 3, "pipe": 0}[mode]}
@@ -120,9 +128,11 @@ def ds_config(mode: str, micro: int, accum: int, precision: str = "fp32",
         "wall_clock_breakdown": False,
         "optimizer": {"type": "AdamW", "params": {
             "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY,
-            "torch_adam": True, "fused": fused}},
+            **({} if deepspeed_adam else {"torch_adam": True, "fused": fused})}},
         "zero_optimization": zero,
     }
+    if compile:
+        cfg["torch_compile"] = {"enabled": True, "backend": "inductor"}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     if mode == "pipe":
@@ -141,7 +151,7 @@ class BareLoop:
 
     def __init__(self, config: ArgonneConfig, accum: int, precision: str,
                  device: torch.device, fused: bool = True, seed: int = 1234,
-                 name: str = "bare") -> None:
+                 name: str = "bare", compile: bool = False) -> None:
         from argonne_ds.engine import param_groups  # the Engine's weight-decay grouping
 
         t0 = time.perf_counter()
@@ -150,6 +160,10 @@ class BareLoop:
         with device:  # build on the device: a CPU init of a 1B model takes seconds
             self.model = ArgonneModel(config)
         self.model.train()
+        if compile:
+            from argonne_ds.model.model import compile_blocks
+
+            compile_blocks(self.model, backend="inductor")
         groups = param_groups(self.model, WEIGHT_DECAY)
         self.lp: list[torch.nn.Parameter] = []
         self.master: list[torch.Tensor] = []

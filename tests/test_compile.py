@@ -51,5 +51,5 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing: bool) 
         assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
-    # the blocks really ran compiled: Dynamo made a graph (one, shared by both blocks)
-    assert counters["stats"]["unique_graphs"] >= 1
+    # the blocks really ran compiled, one graph shared by both blocks
+    assert counters["stats"]["unique_graphs"] == 1

@@ -39,6 +39,8 @@ _logged_backends: set[str] = set()
 
 
 def _log_backend_once(backend: str, reason: str) -> None:
+    if torch.compiler.is_compiling():  # a logging call would break the compiled graph
+        return
     if backend not in _logged_backends:
         _logged_backends.add(backend)
         logger.info("attention backend: %s (%s)", backend, reason)
@@ -280,13 +282,15 @@ class ArgonneBlock(nn.Module):
 
 
 def compile_blocks(model: nn.Module, **options: object) -> int:
-    """torch.compile every transformer block of `model` in place (nn.Module.compile: parameter
-    names unchanged), with torch.compile's `options`; returns how many. Per block rather than
-    the whole model: the blocks share one compiled graph, the embedding, head and loss stay
-    eager, and a pipeline stage or ZeRO-3's hooks see the same modules as before."""
+    """torch.compile every transformer block's `forward` (torch.compile's `options`); returns
+    how many. Per block rather than the whole model: all blocks share one compiled graph
+    (parameters are graph inputs), the embedding, head and loss stay eager. The forward only,
+    not the module call (nn.Module.compile): module hooks (ZeRO-3's gathers, test hooks) stay
+    outside the graph instead of breaking it and recompiling at every block. Parameter names
+    are unchanged."""
     blocks = [m for m in model.modules() if isinstance(m, ArgonneBlock)]
     for block in blocks:
-        block.compile(**options)
+        block.forward = torch.compile(block.forward, **options)
     return len(blocks)
 
 
