@@ -33,7 +33,12 @@ from argonne_ds.model.model import (
     init_by_name,
     initial_value,
 )
-from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
+from argonne_ds.model.pipe import (
+    HeadPipe,
+    build_pipeline_module,
+    load_plain_state_into_pipe,
+    pipeline_batches,
+)
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -332,7 +337,7 @@ class Engine:
         self._verdict, self._local_loss, self._fp32_norm = None, None, None
         overflows = self.engine.skipped_steps
         if self.mode == "pipeline":
-            loss = float(self.engine.train_batch(data_iter=data))
+            loss = float(self.engine.train_batch(data_iter=pipeline_batches(data)))
         else:
             # Summed on the device (no host sync per micro-batch); only the loss is kept, so the
             # (B, T, V) logits are freed before backward.
@@ -373,7 +378,7 @@ class Engine:
         self.engine.eval()
         if self.mode == "pipeline":
             self.engine.reset_activation_shape()  # eval batches may differ after an OOM backoff
-            it = iter(batches)
+            it = pipeline_batches(batches)
             losses = [float(self.engine.eval_batch(it, num_micro_batches=1))
                       for _ in range(len(batches))]
             self.engine.reset_activation_shape()
@@ -401,8 +406,15 @@ class Engine:
             window = ids[:, -limit:]
             if self.mode == "pipeline":
                 self.engine.reset_activation_shape()  # the length changes every call
-                out = self.engine.eval_batch(iter([(window, window)]), return_logits=True,
-                                             num_micro_batches=1)
+                head = self._stage_head()
+                if head is not None:
+                    head.return_logits = True
+                try:
+                    out = self.engine.eval_batch(pipeline_batches([(window, window)]),
+                                                 return_logits=True, num_micro_batches=1)
+                finally:
+                    if head is not None:
+                        head.return_logits = False
                 self.engine.total_loss = None  # eval_batch leaves its loss accumulated
                 nxt = torch.zeros(1, dtype=torch.long, device=self.engine.device)
                 if self.engine.is_last_stage():
@@ -420,6 +432,10 @@ class Engine:
             self.engine.reset_activation_shape()
         self.engine.train()
         return ids[0, len(prompt):].tolist()
+
+    def _stage_head(self) -> HeadPipe | None:
+        """The output head, on the pipeline stage that holds it."""
+        return next((m for m in self.module.modules() if isinstance(m, HeadPipe)), None)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:

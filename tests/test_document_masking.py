@@ -238,8 +238,11 @@ def test_options_off_build_no_documents(monkeypatch: pytest.MonkeyPatch) -> None
     x = torch.randint(0, SEP + 1, (2, 16))
     (model,) = _models({})
     model(x, labels=x).loss.backward()
-    out = nn.Sequential(*(s.build() for s in layer_specs(_config())))(x)
-    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, BASE["vocab_size"])
+    layers = [s.build() for s in layer_specs(_config())]
+    payload = layers[0]((x, x))
+    assert len(payload) == 2  # hidden and labels, no document ids
+    out = nn.Sequential(*layers[1:])(payload)
+    assert isinstance(out, torch.Tensor) and out.dim() == 0  # the loss
 
 
 @pytest.mark.parametrize("options", [MASKING, POSITIONS, BOTH],
@@ -251,10 +254,14 @@ def test_pipeline_layers_in_one_process_equal_the_plain_model(options: dict) -> 
     layers.load_state_dict(plain_to_pipe_state(plain.state_dict(), BASE["num_hidden_layers"]))
     _, packed, _ = _documents()
     x = torch.cat([packed, packed.roll(5, dims=1)])
-    hidden = layers[0](x)
-    assert isinstance(hidden, tuple) and hidden[1].dtype == torch.int64
+    y = x.roll(-1, dims=1)
+    payload = layers[0]((x, y))
+    assert len(payload) == 3 and payload[2].dtype == torch.int64  # hidden, labels, doc ids
     with torch.no_grad():
-        torch.testing.assert_close(layers(x), plain.eval()(x).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layers((x, y)), plain.eval()(x, labels=y).loss,
+                                   rtol=1e-5, atol=1e-6)
+        layers[-1].return_logits = True  # generation's path
+        torch.testing.assert_close(layers((x, y)), plain(x).logits, rtol=1e-5, atol=1e-6)
 
 
 # ---- the config ---------------------------------------------------------------------------------
@@ -333,7 +340,11 @@ def _packed_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _pipeline_vs_plain(rank: int, world: int, options: dict, ckpt_interval: int) -> dict:
     import deepspeed
 
-    from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
+    from argonne_ds.model.pipe import (
+        build_pipeline_module,
+        load_plain_state_into_pipe,
+        pipeline_batches,
+    )
 
     config = ArgonneConfig(**{**PIPE, **options})
     torch.manual_seed(0)
@@ -361,7 +372,7 @@ def _pipeline_vs_plain(rank: int, world: int, options: dict, ckpt_interval: int)
     pipe_losses, plain_losses = [], []
     for step in range(STEPS):
         micro = batches[step * GAS:(step + 1) * GAS]
-        pipe_losses.append(engine.train_batch(data_iter=iter(micro)).item())
+        pipe_losses.append(engine.train_batch(data_iter=pipeline_batches(micro)).item())
         opt.zero_grad()
         total = 0.0
         for x, y in micro:
@@ -371,7 +382,7 @@ def _pipeline_vs_plain(rank: int, world: int, options: dict, ckpt_interval: int)
         opt.step()
         plain_losses.append(total)
     engine.reset_activation_shape()
-    pipe_eval = float(engine.eval_batch(iter([held_out]), num_micro_batches=1))
+    pipe_eval = float(engine.eval_batch(pipeline_batches([held_out]), num_micro_batches=1))
     with torch.no_grad():
         plain_eval = plain.eval()(held_out[0], labels=held_out[1]).loss.item()
     own = pipe_to_plain_state(pipe.state_dict(), config.num_hidden_layers)

@@ -66,7 +66,11 @@ def _pipeline_vs_plain(rank: int, world: int, partition: str, ckpt_interval: int
     import deepspeed
     import torch.distributed as dist
 
-    from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
+    from argonne_ds.model.pipe import (
+        build_pipeline_module,
+        load_plain_state_into_pipe,
+        pipeline_batches,
+    )
 
     config = ArgonneConfig(**{**CONFIG, "vocab_size": vocab})
     torch.manual_seed(0)
@@ -90,7 +94,7 @@ def _pipeline_vs_plain(rank: int, world: int, partition: str, ckpt_interval: int
     pipe_losses, plain_losses = [], []
     for step in range(STEPS):
         micro = batches[step * GAS:(step + 1) * GAS]
-        pipe_losses.append(engine.train_batch(data_iter=iter(micro)).item())
+        pipe_losses.append(engine.train_batch(data_iter=pipeline_batches(micro)).item())
         opt.zero_grad()
         total = 0.0
         for x, y in micro:

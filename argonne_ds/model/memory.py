@@ -13,11 +13,11 @@ tests/test_memory_plan.py):
 with a bytes per activation (2 bf16/fp16, 4 fp32). Activation checkpointing keeps each block's
 input (C x a) and recomputes one block at a time in backward.
 
-The loss path: the plain head + cross-entropy (the pipeline's last stage) holds the logits, the
-log-softmax output in fp32 and its fp32 gradient (and the logits' fp32 copy and the gradient's
-cast back when they are half precision): 12 bytes per logit either way. The chunked path
-(model/loss.py, ZeRO-3 and data parallel) holds one chunk's logits at a time and the head
-weight's gradient in fp32 beside its cast.
+The loss path: training uses the chunked head + cross-entropy in every mode (model/loss.py; the
+pipeline's last stage too), which holds one chunk's logits at a time and the head weight's
+gradient in fp32 beside its cast. The plain path (whole logits, then cross-entropy) holds the
+logits, the log-softmax output in fp32 and its fp32 gradient (and the logits' fp32 copy and the
+gradient's cast back when they are half precision): 12 bytes per logit either way.
 
 What the plan cannot see from here is a fixed reserve: the CUDA context, NCCL's buffers and the
 caching allocator's fragmentation (RESERVE_GIB).
@@ -204,7 +204,7 @@ def plan(config: ArgonneConfig, ds: dict[str, Any], gpus: int, seq_len: int) -> 
             w, g, o, host = _state(sum(counts[lo:hi]), lay, lay.dp)
             out.append(GpuPlan(
                 s, f"{lo}-{hi - 1}", sum(counts[lo:hi]), w, g, o, held / GIB,
-                loss_path_bytes(config, tokens, a, chunked=False) / GIB if last else 0.0,
+                loss_path_bytes(config, tokens, a, chunked=True) / GIB if last else 0.0,
                 backward if blocks else 0.0, buffers / GIB, RESERVE_GIB, in_flight, host))
         return out
     total = sum(pipeline_layer_params(config))
@@ -255,7 +255,8 @@ def format_memory_report(name: str, report: dict[str, Any]) -> str:
             f"{g['gradients']:>8.1f}{g['optimizer']:>8.1f}{g['activations']:>8.1f}"
             f"{g['loss']:>7.1f}{g['backward']:>6.1f}{g['buffers']:>9.1f}{g['reserve']:>9.1f}{g['total']:>8.1f}"
             + (f"  (host {g['host']:.1f})" if g["host"] else "")
-            + (f"  ({g['in_flight']} micro-batches in flight)" if g["stage"] is not None else ""))
+            + (f"  ({g['in_flight']} micro-batch{'es' if g['in_flight'] > 1 else ''} in flight)"
+               if g["stage"] is not None else ""))
     verdict = "fits" if report["fits"] else "does NOT fit"
     lines.append(f"  peak {report['peak_gib']:.1f} of {report['gpu_gib']:.0f} GiB: headroom "
                  f"{100 * report['headroom']:.0f} % -> {name} {verdict} (needs >= "

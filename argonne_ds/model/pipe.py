@@ -1,14 +1,21 @@
 """Argonne 2.0 as a DeepSpeed `PipelineModule`: a flat list of `LayerSpec`s.
 
 Layer i of the pipeline (global index, independent of how layers are split over stages):
-    0           EmbeddingPipe   input_ids (B, T) -> hidden (B, T, C)
-    1 .. L      BlockPipe       hidden -> hidden (block i-1 of the plain model)
+    0           EmbeddingPipe   (input_ids, labels) -> (hidden (B, T, C), labels)
+    1 .. L      BlockPipe       (hidden, labels) -> (hidden, labels) (block i-1 of the plain model)
     L + 1       NormPipe        final RMSNorm
-    L + 2       HeadPipe        hidden -> logits (B, T, V)
-and the loss (`causal_lm_loss`) as the module's loss_fn on the last stage. With document masking
-or document positions on, the embedding also returns each position's document id (B, T) int64 and
-the blocks pass the tuple (hidden, doc_ids) on: DeepSpeed sends tuples between stages and returns
-gradients only for the floating tensors, as gpt-neox passes its attention mask.
+    L + 2       HeadPipe        (hidden, labels) -> the loss: the head and cross-entropy in chunks
+                                (model/loss.py), the (B, T, V) logits never exist
+The labels travel with the hidden states (an integer tensor: DeepSpeed sends tuples between
+stages and returns gradients only for the floating tensors, as gpt-neox passes its attention
+mask), so the head's weight is used inside the module's forward. Used in the loss_fn instead,
+its gradient is lost in bf16: DeepSpeed's BF16_Optimizer clears the bf16 gradients when the
+gradient reaches the module's output (the backward prologue hook), after the loss_fn's part of the
+graph has written the head's. `pipeline_batches` turns (input_ids, labels) micro-batches into
+what the pipeline engine loads; the module's loss_fn passes the head's loss on, or computes it
+from logits when generation asked the head for them (`HeadPipe.return_logits`).
+With document masking or document positions on, each position's document id (B, T) int64
+travels too: (hidden, labels, doc_ids).
 
 The *Pipe classes subclass the plain modules and only adapt `forward`, so the parameter names inside
 each layer are the plain model's: `"<layer>.<path>"` maps to the plain name by a fixed table
@@ -18,13 +25,14 @@ each layer are the plain model's: `"<layer>.<path>"` maps to the plain name by a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
+from argonne_ds.model.loss import LMHead
 from argonne_ds.model.model import (
     ArgonneBlock,
     RMSNorm,
@@ -53,8 +61,17 @@ def _init(module: nn.Module, config: ArgonneConfig) -> None:
         init_module(m, config)
 
 
-# Between stages with document masking/positions on: hidden (B, T, C) and doc_ids (B, T) int64.
-Documented = tuple[torch.Tensor, torch.Tensor]
+# Between stages: hidden (B, T, C), labels (B, T) int64 and, with document masking/positions
+# on, doc_ids (B, T) int64.
+Payload = tuple[torch.Tensor, ...]
+
+
+def pipeline_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> Iterator[tuple[Payload, torch.Tensor]]:
+    """(input_ids, labels) micro-batches as the pipeline engine loads them: the first stage
+    takes (input_ids, labels), the last stage the labels."""
+    for x, y in batches:
+        yield (x, y), y
 
 
 class EmbeddingPipe(nn.Embedding):
@@ -63,18 +80,18 @@ class EmbeddingPipe(nn.Embedding):
         self.separator_id = config.document_separator_id if config.uses_document_ids else None
         _init(self, config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | Documented:
+    def forward(self, inputs: Payload) -> Payload:
+        input_ids, labels = inputs  # (B, T) each
         x = super().forward(input_ids)  # (B, T, C)
         if self.separator_id is None:
-            return x
-        # Only the first stage sees the tokens, so the ids travel on with the hidden states; an
-        # integer tensor gets no gradient: the backward between stages carries the hidden's.
-        return x, document_ids(input_ids, self.separator_id)
+            return x, labels
+        # Only the first stage sees the tokens, so the ids travel on with the hidden states.
+        return x, labels, document_ids(input_ids, self.separator_id)
 
 
 class BlockPipe(ArgonneBlock):
-    """A block that computes its own RoPE tables (cheap, fp32) so stages pass only hidden states
-    (and the document ids, when document masking or positions are on)."""
+    """A block that computes its own RoPE tables (cheap, fp32) so stages pass only the hidden
+    states, the labels (and the document ids, when document masking or positions are on)."""
 
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config)
@@ -83,11 +100,12 @@ class BlockPipe(ArgonneBlock):
         self.config = config if config.uses_document_ids else None
         _init(self, config)
 
-    def forward(self, inputs: torch.Tensor | Documented) -> torch.Tensor | Documented:
-        if self.config is None:  # (B, T, C) -> (B, T, C)
-            cos, sin = self.rotary(inputs.shape[1], inputs.device, inputs.dtype)
-            return super().forward(inputs, cos, sin)
-        x, doc_ids = inputs  # (B, T, C), (B, T)
+    def forward(self, inputs: Payload) -> Payload:
+        x, *rest = inputs  # (B, T, C), labels (B, T)[, doc_ids (B, T)]
+        if self.config is None:
+            cos, sin = self.rotary(x.shape[1], x.device, x.dtype)
+            return super().forward(x, cos, sin), *rest
+        doc_ids = rest[1]
         # Rebuilt in every block from the ids (O(B*T*T) compares, small next to attention):
         # sending the (B, 1, T, T) mask between stages would cost far more.
         docs, positions = document_layout(doc_ids, x, self.config)
@@ -95,22 +113,34 @@ class BlockPipe(ArgonneBlock):
             cos, sin = self.rotary(x.shape[1], x.device, x.dtype)  # (T, D)
         else:
             cos, sin = rotary_at(self.rotary, positions, x.dtype)  # (B, 1, T, D)
-        return super().forward(x, cos, sin, docs=docs), doc_ids
+        return super().forward(x, cos, sin, docs=docs), *rest
 
 
 class NormPipe(RMSNorm):
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.hidden_size, config.rms_norm_eps)
-        self.drops_doc_ids = config.uses_document_ids
 
-    def forward(self, inputs: torch.Tensor | Documented) -> torch.Tensor:
-        return super().forward(inputs[0] if self.drops_doc_ids else inputs)  # (B, T, C)
+    def forward(self, inputs: Payload) -> Payload:
+        return super().forward(inputs[0]), inputs[1]  # (B, T, C), labels
 
 
-class HeadPipe(nn.Linear):
+class HeadPipe(LMHead):
+    """The head and the loss (model/loss.py's chunks) in one forward; logits instead while
+    `return_logits` is set (generation)."""
+
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.return_logits = False
         _init(self, config)
+
+    def forward(self, inputs: Payload) -> torch.Tensor:  # type: ignore[override]
+        x, labels = inputs
+        return super().forward(x) if self.return_logits else super().forward(x, labels)
+
+
+def pipeline_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The module's loss_fn: the head's loss as it is, or the loss of the logits it returned."""
+    return outputs if outputs.dim() == 0 else causal_lm_loss(outputs, labels)
 
 
 def layer_specs(config: ArgonneConfig) -> list[LayerSpec]:
@@ -168,7 +198,7 @@ def build_pipeline_module(
     return ArgonnePipelineModule(
         layers=layer_specs(config),
         num_stages=num_stages,
-        loss_fn=causal_lm_loss,
+        loss_fn=pipeline_loss,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
         # Only blocks: with reentrant checkpointing a checkpointed embedding gets no gradient.
