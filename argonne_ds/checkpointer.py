@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from argonne_ds import checkpoint as ckpt
+from argonne_ds.config import ArgonneConfig
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine import Engine
@@ -44,6 +45,16 @@ class TrainState:
     tokens: int = 0
     run_id: str | None = None
     guard: dict[str, Any] | None = None  # the bad-step guard's window and counts
+
+
+def with_stage_bounds(info: dict[str, Any], config: ArgonneConfig) -> dict[str, Any]:
+    """A checkpoint marker with its pipeline's stage bounds: a marker written before they were
+    recorded gets DeepSpeed's "parameters" partition, which every pipeline then used (the
+    shipped JSONs and the default)."""
+    if info.get("mode") == "pipeline" and info.get("pipeline_parts") is None:
+        info = {**info, "pipeline_parts": parameters_partition(
+            config, int(info["pipeline_stages"]))}
+    return info
 
 
 def _state(client: dict[str, Any]) -> TrainState:
@@ -71,12 +82,8 @@ class Checkpointer:
         if given and not candidates:
             raise ConfigError(f"--checkpoint-path {given}: no complete checkpoint there")
         for tag in candidates:
-            info = self._check_compatible(directory / tag)
-            if info.get("mode") == "pipeline" and info.get("pipeline_parts") is None:
-                # Written before markers held the stage bounds: every pipeline then used
-                # DeepSpeed's "parameters" partition (the shipped JSONs and the default).
-                info["pipeline_parts"] = parameters_partition(
-                    self.engine.model_config, int(info["pipeline_stages"]))
+            info = with_stage_bounds(self._check_compatible(directory / tag),
+                                     self.engine.model_config)
             # Keys an older marker lacks (None) are not counted as changes.
             if any(info.get(k) not in (None, v) for k, v in self.engine.layout().items()):
                 state = self._resume_resharded(directory / tag, info)

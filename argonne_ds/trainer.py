@@ -242,11 +242,15 @@ class CompileReport:
     compilation's cost (the difference), on the console and in the metrics."""
 
     def __init__(self, job: Job) -> None:
-        self.job, self.t0, self.first = job, time.perf_counter(), None
+        self.job, self.t0 = job, time.perf_counter()
+        self.first: float | None = None  # step 1's seconds, until step 2 reports
+        self.done = False
 
     def __call__(self, state: TrainState, result: StepResult) -> None:
-        now, took = time.perf_counter(), time.perf_counter() - self.t0
-        self.t0 = now
+        now = time.perf_counter()
+        took, self.t0 = now - self.t0, now
+        if self.done:
+            return
         if self.first is None:
             self.first = took
             opts = self.job.engine.compile_options
@@ -254,12 +258,11 @@ class CompileReport:
                          f"{', mode ' + opts['mode'] if opts['mode'] else ''}) of "
                          f"{self.job.engine.compiled_blocks} blocks: the first step took "
                          f"{took:.1f} s, compilation included")
-        elif self.first is not False:
-            self.job.say(f"[compile] compiling cost ~{self.first - took:.1f} s (step "
-                         f"{state.step - 1} {self.first:.1f} s, step {state.step} {took:.1f} s)")
-            self.job.sink.log({"step": state.step, "event": "compile",
-                               "compile_s": self.first - took})
-            self.first = False
+            return
+        self.job.say(f"[compile] compiling cost ~{self.first - took:.1f} s (step "
+                     f"{state.step - 1} {self.first:.1f} s, step {state.step} {took:.1f} s)")
+        self.job.sink.log({"step": state.step, "event": "compile", "compile_s": self.first - took})
+        self.done = True
 
 
 class HeldOutEval:

@@ -59,3 +59,31 @@ def test_the_model_gives_the_loss_with_labels_and_the_logits_without() -> None:
     torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(chunked[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_liger_is_called_with_its_argument_order_where_usable(monkeypatch) -> None:
+    """liger-kernel runs only on CUDA (not here): its call is checked against a stand-in with
+    the signature of `LigerFusedLinearCrossEntropyLoss.forward(lin_weight, _input, target)`."""
+    import torch.nn.functional as F
+
+    from argonne_ds.model import loss as loss_module
+
+    calls = []
+
+    class FakeLiger:
+        def __init__(self, ignore_index: int) -> None:
+            self.ignore_index = ignore_index
+
+        def __call__(self, lin_weight, _input, target):
+            calls.append((lin_weight.shape, _input.shape, target.shape, self.ignore_index))
+            return F.cross_entropy(_input @ lin_weight.t(), target, ignore_index=-100)
+
+    h, w = torch.randn(2, 5, 8), torch.randn(11, 8)
+    y = torch.randint(0, 11, (2, 5))
+    assert not loss_module.liger_usable(h)  # CPU tensors never take it
+    monkeypatch.setattr(loss_module, "_LigerLoss", FakeLiger)
+    monkeypatch.setattr(loss_module, "liger_usable", lambda hidden: True)
+    got = loss_module.linear_cross_entropy(h, w, y)
+    assert calls == [((11, 8), (10, 8), (10,), -100)]
+    monkeypatch.setattr(loss_module, "liger_usable", lambda hidden: False)
+    assert torch.allclose(got, loss_module.linear_cross_entropy(h, w, y), atol=1e-6)

@@ -41,7 +41,7 @@ CASES = [
                        [True, False]),
     # blocks dominate (small vocabulary) / the loss dominates (one long sample, vocab 32k)
     *itertools.product([(WIDE, 4, 512), (LONG, 1, 2048)], [torch.bfloat16], [False, True],
-                       [True, False]),
+                       [True]),
 ]
 
 

@@ -68,9 +68,11 @@ def test_resume_across_layouts_is_exact(ws, tmp_path: Path, src: str, dst: str,
         assert math.isclose(sa[step]["loss"], sb[step]["loss"], rel_tol=1e-6), (
             step, sa[step]["loss"], sb[step]["loss"])
     assert sa[N]["loss"] < sa[1]["loss"]
-    # The resumed run's own checkpoint is native to its layout: a plain resume continues it.
-    run(train_cmd(ws, dst_json, b, *args(dst, max_steps=N + 2, save=2, precision=precision)))
-    assert sorted(steps(b)) == list(range(SAVE + 1, N + 3))
+    if (src, dst, precision) == ("cpu_pipeline.json", "cpu_zero3.json", "--fp32"):
+        # The resumed run's own checkpoint is native to its layout: a plain resume continues
+        # it (once: the same for every pair).
+        run(train_cmd(ws, dst_json, b, *args(dst, max_steps=N + 2, save=2, precision=precision)))
+        assert sorted(steps(b)) == list(range(SAVE + 1, N + 3))
 
 
 def test_zero_stage_0_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> None:
@@ -118,14 +120,13 @@ def _pipeline_json(folder: Path, partition: str) -> str:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_new_stage_partition_is_converted_and_old_markers_count_as_parameters(
+def test_a_new_stage_partition_is_converted(
         ws, tmp_path: Path) -> None:
     """The ZeRO-1 optimizer files are per stage: a checkpoint whose stages held other layers
-    (here "uniform": layers 0-3 | 4-6, against "compute": 0-2 | 3-6) is converted, not loaded.
-    A marker written before the bounds were recorded is read as DeepSpeed's "parameters"
-    partition, the only one the shipped JSONs used (here 0-2 | 3-6, as "compute")."""
+    (here "uniform": layers 0-3 | 4-6, against "compute": 0-2 | 3-6) is converted, not loaded,
+    and the run continues as the one that never changed."""
     uniform, compute = _pipeline_json(tmp_path, "uniform"), _pipeline_json(tmp_path, "compute")
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a, b = tmp_path / "a", tmp_path / "b"
     flags = args("cpu_pipeline.json")
     run(train_cmd(ws, uniform, a, *flags))
     tag = f"global_step{SAVE}"
@@ -138,13 +139,19 @@ def test_a_new_stage_partition_is_converted_and_old_markers_count_as_parameters(
     sa, sb = steps(a), steps(b)
     for step in range(SAVE + 1, N + 1):
         assert math.isclose(sa[step]["loss"], sb[step]["loss"], rel_tol=1e-6), step
-    # An older marker (no bounds) of a "parameters" run: native under "compute" (same bounds).
-    parameters = _pipeline_json(tmp_path, "parameters")
-    run(train_cmd(ws, parameters, c, *args("cpu_pipeline.json", max_steps=SAVE)))
-    path = c / "checkpoints" / tag / "argonne_complete.json"
-    old = json.loads(path.read_text())
-    assert old.pop("pipeline_parts") == [0, 3, 7]
-    path.write_text(json.dumps(old))
-    out = run(train_cmd(ws, compute, c, *flags)).stdout
-    assert f"resumed from {c / 'checkpoints'}/{tag}: step {SAVE}" in out, out
-    assert "converting" not in out
+
+
+def test_an_old_marker_counts_as_the_parameters_partition() -> None:
+    """Markers written before the stage bounds were recorded: DeepSpeed's "parameters" split,
+    computed from the config (here 0-2 | 3-6, as "compute" would split it)."""
+    from argonne_ds.checkpointer import with_stage_bounds
+    from argonne_ds.config import ArgonneConfig
+    from tests.train_helpers import MODEL
+
+    config = ArgonneConfig(**MODEL)
+    old = {"mode": "pipeline", "pipeline_stages": 2, "world_size": 2}
+    assert with_stage_bounds(old, config)["pipeline_parts"] == [0, 3, 7]
+    assert "pipeline_parts" not in old  # the marker read is not changed in place
+    for info in ({"mode": "zero3", "world_size": 2},
+                 {"mode": "pipeline", "pipeline_stages": 2, "pipeline_parts": [0, 4, 7]}):
+        assert with_stage_bounds(info, config) == info

@@ -10,10 +10,19 @@ the softmax's gradient (~2.4 GB per 1,000 tokens); this holds one chunk's.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024
+
+try:  # optional extra `[liger]`: Triton kernels, CUDA only
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss as _LigerLoss,
+    )
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _LigerLoss = None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -60,10 +69,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else grad_w.to(weight.dtype), None, None)
 
 
+def liger_usable(hidden: torch.Tensor) -> bool:
+    """liger-kernel's fused linear cross-entropy: installed, on CUDA, not switched off."""
+    return (_LigerLoss is not None and hidden.is_cuda
+            and os.environ.get("ARGONNE_LIGER", "1") != "0")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int = CHUNK_TOKENS) -> torch.Tensor:
     """hidden (..., C), weight (V, C), labels (...) -> the mean cross-entropy of the logits
-    `hidden @ weight.T` (in hidden's dtype, then fp32) over labels != -100."""
+    `hidden @ weight.T` (in hidden's dtype, then fp32) over labels != -100. On CUDA with
+    liger-kernel installed, its fused kernel (the same loss, chunked in Triton; ARGONNE_LIGER=0
+    keeps this module's chunks)."""
+    if liger_usable(hidden):
+        loss_fn = _LigerLoss(ignore_index=IGNORE_INDEX)
+        return loss_fn(weight, hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1))
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
 
 
