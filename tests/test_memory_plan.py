@@ -108,6 +108,14 @@ def test_pipeline_stages_hold_their_in_flight_micro_batches_and_the_loss_on_the_
     assert sum(s.params for s in stages) == count_parameters(config)["total"]
 
 
+def test_a_pipeline_plan_follows_the_jsons_partition_method():
+    config = load_model_config("argonne2")
+    ds = read_ds_config("ds_configs/pipeline.json")
+    assert [s.layers for s in plan(config, ds, 8, 4096)] == ["0-7", "8-14", "15-21", "22-26"]
+    ds["pipeline"]["partition_method"] = "parameters"  # DeepSpeed's: 4 | 8 | 8 | 4 + head
+    assert [s.layers for s in plan(config, ds, 8, 4096)] == ["0-4", "5-12", "13-20", "21-26"]
+
+
 def test_model_info_plans_a_ds_config(capsys):
     assert main(["model-info", "--preset", "argonne2", "--ds-config",
                  "ds_configs/zero3.json", "--gpus", "8", "--json"]) == 0

@@ -30,7 +30,7 @@ from typing import Any
 
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.model.loss import CHUNK_TOKENS
-from argonne_ds.model.partition import compute_partition, layer_flops, pipeline_layer_params
+from argonne_ds.model.partition import pipeline_layer_params
 
 GIB = 1024**3
 RESERVE_GIB = 3.0  # CUDA context (~0.5), NCCL (~1), allocator fragmentation
@@ -188,7 +188,10 @@ def plan(config: ArgonneConfig, ds: dict[str, Any], gpus: int, seq_len: int) -> 
     c, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
     backward = backward_bytes(config, tokens, a, ckpt) / GIB
     if lay.mode == "pipeline":
-        bounds = compute_partition(layer_flops(config, seq_len), lay.stages)
+        from argonne_ds.model.pipe import partition_bounds  # imports deepspeed
+
+        method = (ds.get("pipeline") or {}).get("partition_method", "compute")
+        bounds = partition_bounds(config, lay.stages, method, seq_len)
         counts = pipeline_layer_params(config)
         out = []
         for s in range(lay.stages):

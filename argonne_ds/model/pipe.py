@@ -208,6 +208,26 @@ def build_pipeline_module(
     )
 
 
+def partition_bounds(config: ArgonneConfig, num_stages: int, method: str = "compute",
+                     seq_len: int | None = None) -> list[int]:
+    """The stage bounds `build_pipeline_module` gets for `method`, from the config alone (the
+    memory plan's split): ours for "compute", DeepSpeed's own functions for the others."""
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    if method == "compute":
+        return compute_partition(layer_flops(config, seq_len or config.max_position_embeddings),
+                                 num_stages)
+    if method == "parameters":
+        return parameters_partition(config, num_stages)
+    layers = len(pipeline_layer_params(config))
+    if method == "uniform":
+        return [int(b) for b in partition_uniform(layers, num_stages)]
+    if method == "type:BlockPipe":
+        blocks = [int(1 <= i <= config.num_hidden_layers) for i in range(layers)]
+        return [int(b) for b in partition_balanced(blocks, num_stages)]
+    raise ValueError(f"partition_method {method!r}: choose one of {PARTITION_METHODS}")
+
+
 def parameters_partition(config: ArgonneConfig, num_stages: int) -> list[int]:
     """The bounds DeepSpeed's "parameters" method gives (its `partition_balanced` of each
     layer's parameter count), counted from the config instead of built layers."""
