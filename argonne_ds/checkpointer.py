@@ -172,7 +172,7 @@ class Checkpointer:
         now = self.engine.layout()
         was = ", ".join(f"{k} {info.get(k)}" for k in now if info.get(k) is not None)
         say(self.rank0, f"[train] {path} was written with {was}; this job has "
-            f"{', '.join(f'{k} {v}' for k, v in now.items())}: converting it")
+            f"{', '.join(f'{k} {v}' for k, v in now.items() if v is not None)}: converting it")
         source = reshard.read_source(path, info)
         self._check_global_batch(source.client)  # before the conversion's minutes
         t0 = time.perf_counter()
