@@ -51,7 +51,7 @@ from argonne_ds.model.partition import (
     stage_loads,
 )
 
-# "compute": by forward FLOPs (model/info.py), from the config alone; DeepSpeed's own methods
+# "compute": by forward FLOPs (model/partition.py), from the config alone; DeepSpeed's own methods
 # stay available ("parameters" builds every layer on every rank to count its parameters).
 PARTITION_METHODS = ("compute", "parameters", "uniform", "type:BlockPipe")
 
@@ -159,7 +159,7 @@ def layer_specs(config: ArgonneConfig) -> list[LayerSpec]:
 
 class ArgonnePipelineModule(PipelineModule):
     """DeepSpeed's PipelineModule with one more partition method, "compute": the stage bounds
-    are given (model/info.py's `compute_partition` of each layer's FLOPs), nothing is built."""
+    are given (model/partition.py's `compute_partition` of each layer's FLOPs), nothing is built."""
 
     def __init__(self, *args: object, compute_bounds: list[int] | None = None,
                  **kwargs: object) -> None:
