@@ -20,6 +20,7 @@ from argonne_ds.model.loss import IGNORE_INDEX
 from argonne_ds.model.model import DocumentAttention, document_ids, document_positions
 from argonne_ds.model.pipe import layer_specs, pipe_to_plain_state, plain_to_pipe_state
 from argonne_ds.testing import run_distributed_test
+from tests.test_pipe import ADAMW, GAS, MICRO, pipeline_engine
 
 SEP = 100  # the separator: the last id of the vocabulary below
 BASE = dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -315,8 +316,7 @@ def test_training_refuses_a_separator_other_than_the_tokenizers() -> None:
 # ---- a 2-stage DeepSpeed pipeline ---------------------------------------------------------------
 
 PIPE = dict(BASE, num_hidden_layers=4, max_position_embeddings=32)
-ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-MICRO, GAS, SEQ, STEPS = 2, 2, 24, 3
+SEQ, STEPS = 24, 3  # MICRO x GAS and AdamW: test_pipe's pipeline_engine
 
 
 def _packed_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -338,32 +338,14 @@ def _packed_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _pipeline_vs_plain(rank: int, world: int, options: dict, ckpt_interval: int) -> dict:
-    import deepspeed
-
-    from argonne_ds.model.pipe import (
-        build_pipeline_module,
-        load_plain_state_into_pipe,
-        pipeline_batches,
-    )
+    from argonne_ds.model.pipe import pipeline_batches
 
     config = ArgonneConfig(**{**PIPE, **options})
     torch.manual_seed(0)
     plain = ArgonneModel(config)
     unmasked = ArgonneModel(ArgonneConfig(**PIPE))
     unmasked.load_state_dict(plain.state_dict())
-    pipe = build_pipeline_module(config, num_stages=2, partition_method="type:BlockPipe",
-                                 activation_checkpoint_interval=ckpt_interval)
-    load_plain_state_into_pipe(pipe, plain.state_dict(), config.num_hidden_layers)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": GAS,
-        "optimizer": {"type": "AdamW", "params": {**ADAMW, "torch_adam": True}},
-        "gradient_clipping": 0.0,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": 0},
-    }
-    engine, *_ = deepspeed.initialize(model=pipe, config=ds_config,
-                                      model_parameters=[p for p in pipe.parameters()])
+    pipe, engine = pipeline_engine(config, plain, "type:BlockPipe", ckpt_interval)
     batches = _packed_batches(STEPS * GAS + 1)
     held_out = batches.pop()
     with torch.no_grad():  # the same batch without masking: what "not masked" would give

@@ -61,20 +61,14 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _pipeline_vs_plain(rank: int, world: int, partition: str, ckpt_interval: int,
-                       vocab: int) -> dict:
+def pipeline_engine(config: ArgonneConfig, plain: ArgonneModel, partition: str,
+                    ckpt_interval: int) -> tuple:
+    """(module, engine): a 2-stage DeepSpeed pipeline (ZeRO-0, torch AdamW, micro-batch MICRO x
+    GAS) holding `plain`'s weights."""
     import deepspeed
-    import torch.distributed as dist
 
-    from argonne_ds.model.pipe import (
-        build_pipeline_module,
-        load_plain_state_into_pipe,
-        pipeline_batches,
-    )
+    from argonne_ds.model.pipe import build_pipeline_module, load_plain_state_into_pipe
 
-    config = ArgonneConfig(**{**CONFIG, "vocab_size": vocab})
-    torch.manual_seed(0)
-    plain = ArgonneModel(config)
     pipe = build_pipeline_module(config, num_stages=2, partition_method=partition,
                                  activation_checkpoint_interval=ckpt_interval)
     load_plain_state_into_pipe(pipe, plain.state_dict(), config.num_hidden_layers)
@@ -88,6 +82,19 @@ def _pipeline_vs_plain(rank: int, world: int, partition: str, ckpt_interval: int
     }
     engine, *_ = deepspeed.initialize(model=pipe, config=ds_config,
                                       model_parameters=[p for p in pipe.parameters()])
+    return pipe, engine
+
+
+def _pipeline_vs_plain(rank: int, world: int, partition: str, ckpt_interval: int,
+                       vocab: int) -> dict:
+    import torch.distributed as dist
+
+    from argonne_ds.model.pipe import pipeline_batches
+
+    config = ArgonneConfig(**{**CONFIG, "vocab_size": vocab})
+    torch.manual_seed(0)
+    plain = ArgonneModel(config)
+    pipe, engine = pipeline_engine(config, plain, partition, ckpt_interval)
     # Every rank holds a full plain model and trains it the same way, micro-batch by micro-batch.
     opt = torch.optim.AdamW(plain.parameters(), **ADAMW)
     batches = _batches(STEPS * GAS)
