@@ -15,7 +15,7 @@ from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig, add_f
 
 def _model_info(args: argparse.Namespace) -> int:
     from argonne_ds.config import load_model_config
-    from argonne_ds.ds_config import read_ds_config
+    from argonne_ds.engine.ds_config import read_ds_config
     from argonne_ds.model.info import format_model_info, model_info
     from argonne_ds.model.memory import format_memory_report, memory_report
 
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     from argonne_ds.data import DataError
-    from argonne_ds.reliability import Exit, JobError
+    from argonne_ds.reliability.exits import Exit, JobError
 
     # One voice per job: ranks other than 0 log warnings and errors only.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         code, clean = Exit.CRASH, False
     if _distributed():
-        from argonne_ds.distributed import shutdown
+        from argonne_ds.engine.distributed import shutdown
 
         shutdown(code, clean)
     return code

@@ -110,7 +110,7 @@ def load_for_generation(model_path: str | None = None, checkpoint: str | None = 
     `device` in `dtype` (see `placement`), transformers tokenizer)."""
     from transformers import AutoTokenizer
 
-    from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
+    from argonne_ds.checkpoint.store import model_config_of, resolve_checkpoint
     from argonne_ds.convert.export import full_state, import_hf
 
     if model_path:

@@ -186,7 +186,7 @@ class ReliabilityConfig:
                               f"{self.skip_window} and {self.max_skips_in_a_row}")
         if self.step_timeout is not None and self.step_timeout < 0:
             raise ConfigError(f"reliability.step_timeout must be >= 0, got {self.step_timeout}")
-        from argonne_ds.guard import parse_steps
+        from argonne_ds.reliability.guard import parse_steps
 
         try:
             parse_steps(self.skip_steps)

@@ -24,17 +24,15 @@ from typing import Any, NoReturn
 import torch
 from tqdm import tqdm
 
-from argonne_ds.checkpoint import CHECKPOINTS, resume_candidates
-from argonne_ds.checkpointer import Checkpointer, TrainState
+from argonne_ds.checkpoint.checkpointer import Checkpointer, TrainState
+from argonne_ds.checkpoint.store import CHECKPOINTS, resume_candidates
 from argonne_ds.config import ArgonneConfig, load_model_config
 from argonne_ds.data.loader import build_data_iterator
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
-from argonne_ds.distributed import check_shared_dirs, init_distributed
-from argonne_ds.ds_config import pipeline_stages, resolve_ds_config
-from argonne_ds.engine import Batch, Engine, StepResult
-from argonne_ds.faults import Faults
-from argonne_ds.guard import BadStepGuard, parse_steps
+from argonne_ds.engine.distributed import check_shared_dirs, init_distributed
+from argonne_ds.engine.ds_config import pipeline_stages, resolve_ds_config
+from argonne_ds.engine.engine import Batch, Engine, StepResult
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
 from argonne_ds.reliability import (
     Exit,
@@ -45,6 +43,8 @@ from argonne_ds.reliability import (
     read_backoff,
     write_backoff,
 )
+from argonne_ds.reliability.faults import Faults
+from argonne_ds.reliability.guard import BadStepGuard, parse_steps
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, ConfigError, RunConfig
 
 logger = logging.getLogger(__name__)

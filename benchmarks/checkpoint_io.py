@@ -71,11 +71,12 @@ def measure(rank: int, world: int, preset: str, overrides: dict[str, int], preci
     import torch
 
     from argonne_ds.config import load_model_config
-    from argonne_ds.engine import Engine
+    from argonne_ds.engine.engine import Engine
+    from argonne_ds.engine.state import create_adam_state
 
     torch.serialization.set_crc32_options(crc32)
     engine = Engine(load_model_config(preset, **overrides), ds_config(world, precision))
-    engine._create_adam_state(1)
+    create_adam_state(engine.engine.optimizer, 1)
     rss = {"built": peak_rss_gib()}
     seconds: dict[str, float] = {}
 

@@ -152,7 +152,7 @@ class BareLoop:
     def __init__(self, config: ArgonneConfig, accum: int, precision: str,
                  device: torch.device, fused: bool = True, seed: int = 1234,
                  name: str = "bare", compile: bool = False) -> None:
-        from argonne_ds.engine import param_groups  # the Engine's weight-decay grouping
+        from argonne_ds.engine.engine import param_groups  # the Engine's weight-decay grouping
 
         t0 = time.perf_counter()
         self.name, self.accum, self.device = name, accum, device
@@ -210,7 +210,7 @@ class EngineRunner:
 
     def __init__(self, name: str, config: ArgonneConfig, ds_cfg: dict[str, Any],
                  device: torch.device) -> None:
-        from argonne_ds.engine import Engine
+        from argonne_ds.engine.engine import Engine
 
         t0 = time.perf_counter()
         self.name = name

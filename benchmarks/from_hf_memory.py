@@ -43,7 +43,7 @@ def ds_config(mode: str, ranks: int) -> dict:
 
 def start_engine(rank: int, world: int, folder: str, mode: str, source: str) -> dict:
     from argonne_ds.convert.export import hf_model_config, import_hf
-    from argonne_ds.engine import Engine
+    from argonne_ds.engine.engine import Engine
 
     t0 = time.perf_counter()
     config, state = import_hf(folder) if source == "hf" else (hf_model_config(folder), None)

@@ -34,7 +34,7 @@ SHAPES = {  # name: (model fields, micro-batch, tokens per sample)
 
 def plans(gpus: int, gpu_gib: float) -> None:
     from argonne_ds.config import load_model_config
-    from argonne_ds.ds_config import read_ds_config
+    from argonne_ds.engine.ds_config import read_ds_config
     from argonne_ds.model.memory import format_memory_report, memory_report
 
     for preset in ("argonne2", "argonne2-1b"):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_ds.faults import LOSS_ENV
-from argonne_ds.guard import BadStepGuard, parse_steps
 from argonne_ds.reliability import Exit, JobError
+from argonne_ds.reliability.faults import LOSS_ENV
+from argonne_ds.reliability.guard import BadStepGuard, parse_steps
 from argonne_ds.testing import free_port
 from tests.train_helpers import ROOT, make_workspace, run, steps, train_cmd, with_launcher
 

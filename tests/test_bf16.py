@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.ds_config import resolve_ds_config
+from argonne_ds.engine.ds_config import resolve_ds_config
 from argonne_ds.run_config import DataConfig, RunConfig, TrainConfig
 from argonne_ds.testing import run_distributed_test
 from tests.test_scale_out import CONFIG, _rank_batches, ds_config
@@ -35,7 +35,7 @@ def test_bf16_accumulates_in_fp32_unless_the_json_says_otherwise(name: str) -> N
 
 
 def _losses(rank: int, world: int, stages: int, zero: int, bf16: bool) -> dict:
-    from argonne_ds.engine import Engine
+    from argonne_ds.engine.engine import Engine
 
     cfg = ds_config(world, stages, zero)
     if bf16:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from argonne_ds import checkpoint as ckpt
-from argonne_ds import reshard
+from argonne_ds.checkpoint import reshard
+from argonne_ds.checkpoint import store as ckpt
 from tests.train_helpers import env, read_metrics, run, steps, train_cmd
 
 

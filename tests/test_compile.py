@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.ds_config import ConfigError, compile_options
+from argonne_ds.engine.ds_config import ConfigError, compile_options
 from argonne_ds.model.model import ArgonneModel, compile_blocks
 
 CONFIG = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

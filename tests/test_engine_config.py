@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import store as ckpt
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.ds_config import ConfigError, engine_mode, read_ds_config, resolve_ds_config
-from argonne_ds.engine import param_groups, start_scheduler
+from argonne_ds.engine.ds_config import ConfigError, engine_mode, read_ds_config, resolve_ds_config
+from argonne_ds.engine.engine import param_groups, start_scheduler
 from argonne_ds.model import ArgonneModel
 from argonne_ds.reliability import is_oom
 from argonne_ds.run_config import DataConfig, RunConfig, TrainConfig

@@ -22,7 +22,7 @@ def _init_stats(rank: int, world: int, config_name: str) -> dict:
     import torch
 
     from argonne_ds.config import ArgonneConfig
-    from argonne_ds.engine import Engine
+    from argonne_ds.engine.engine import Engine
 
     ds = json.loads((ROOT / "ds_configs" / config_name).read_text())
     engine = Engine(ArgonneConfig(**MODEL), ds)

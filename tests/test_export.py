@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_ds.checkpoint import resolve_checkpoint
+from argonne_ds.checkpoint.store import resolve_checkpoint
 from argonne_ds.cli import main
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.convert.export import full_state, import_hf

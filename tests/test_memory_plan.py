@@ -13,7 +13,7 @@ import torch
 
 from argonne_ds.cli import main
 from argonne_ds.config import ArgonneConfig, load_model_config
-from argonne_ds.ds_config import read_ds_config
+from argonne_ds.engine.ds_config import read_ds_config
 from argonne_ds.model.memory import (
     GIB,
     loss_path_bytes,

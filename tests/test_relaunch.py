@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from argonne_ds.faults import HANG_ENV, OOM_ENV
 from argonne_ds.reliability import BACKOFF_FILE
+from argonne_ds.reliability.faults import HANG_ENV, OOM_ENV
 from tests.train_helpers import LAUNCH, finish, make_workspace, start, steps, tiny_job, train_sh
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

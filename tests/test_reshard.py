@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne_ds import reshard
+from argonne_ds.checkpoint import reshard
 from tests.train_helpers import ROOT, run, steps, train_cmd
 
 N, SAVE = 8, 4
@@ -91,7 +91,7 @@ def test_zero_stage_0_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> Non
 
 
 def test_adam_step_keeps_each_optimizers_form() -> None:
-    from argonne_ds.engine import adam_step_value
+    from argonne_ds.engine.state import adam_step_value
 
     p = torch.nn.Parameter(torch.ones(3))
     adamw = torch.optim.AdamW([p], lr=0.1)
@@ -144,7 +144,7 @@ def test_a_new_stage_partition_is_converted(
 def test_an_old_marker_counts_as_the_parameters_partition() -> None:
     """Markers written before the stage bounds were recorded: DeepSpeed's "parameters" split,
     computed from the config (here 0-2 | 3-6, as "compute" would split it)."""
-    from argonne_ds.checkpointer import with_stage_bounds
+    from argonne_ds.checkpoint.checkpointer import with_stage_bounds
     from argonne_ds.config import ArgonneConfig
     from tests.train_helpers import MODEL
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import store as ckpt
 from argonne_ds.cli import build_parser
-from argonne_ds.ds_config import resolve_ds_config
+from argonne_ds.engine.ds_config import resolve_ds_config
 from argonne_ds.run_config import (
     ConfigError,
     DataConfig,

@@ -67,14 +67,15 @@ def _rank_batches(dp_rank: int, dp_world: int, steps: int):
 def _train(rank: int, world: int, stages: int, zero: int, extra: dict | None = None) -> dict:
     import deepspeed
 
-    from argonne_ds.engine import Engine
+    from argonne_ds.engine.engine import Engine
+    from argonne_ds.engine.state import plain_name
 
     engine = Engine(ArgonneConfig(**CONFIG), ds_config(world, stages, zero) | (extra or {}),
                     seed=SEED)
     held: dict[str, torch.Tensor] = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
-            held[engine._plain_name(name)] = p.detach().float().clone()
+            held[plain_name(engine, name)] = p.detach().float().clone()
     data = _rank_batches(engine.dp_rank, engine.dp_world, STEPS)
     losses = [engine.train_step(data).loss for _ in range(STEPS)]
     recomputed = (engine.engine.module.activation_checkpoint_interval if stages
@@ -235,7 +236,7 @@ def test_pipeline_x_data_parallel_as_two_nodes(ws, tmp_path: Path) -> None:
 
 
 def _check_dirs(rank: int, world: int, root: str, shared: bool) -> str:
-    from argonne_ds.distributed import check_shared_dirs
+    from argonne_ds.engine.distributed import check_shared_dirs
 
     # Not shared: each rank looks at a folder of its own, as nodes with local disks would.
     out = f"{root}/out" if shared else f"{root}/out-rank{rank}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import store as ckpt
 from tests.train_helpers import (
     read_metrics,
     run,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import store as ckpt
 from tests.train_helpers import run, run_until_step_then, steps, train_cmd
 
 N, SAVE = 14, 4

@@ -1,4 +1,6 @@
-"""Running `argonne-ds train` for real in tests: through the deepspeed launcher, 2 CPU ranks."""
+"""Running `argonne-ds train` for real in tests, 2 CPU ranks: on local ranks forked from the
+preloaded forkserver (argonne_ds.testing.launch, the default: no launcher's three interpreters
+to start) or, where the launcher is what a test is about, through the deepspeed launcher."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from argonne_ds.testing import cpu_env, free_port
+from argonne_ds.testing import LocalJob, cpu_env, free_port, run_local, start_local
 from tests.data_helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +36,21 @@ def make_workspace(root: Path) -> dict[str, str]:
             "model": str(root / "model.json")}
 
 
+# train_cmd's first word for a job on local ranks (then the rank count, then the CLI's argv).
+LOCAL = "<local ranks>"
+
+
 def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
-              launcher: str = "deepspeed") -> list[str]:
+              launcher: str = "local") -> list[str]:
+    """The command of a 2-rank training job: `launcher` "local" (argonne_ds.testing.launch),
+    "deepspeed" (the deepspeed launcher) or "torchrun"."""
     args = ["train", "--data-glob", ws["glob"], "--cache-dir", ws["cache"],
             "--fallback-vocab-size", "512", "--model", ws["model"],
             "--deepspeed_config", str(ROOT / "ds_configs" / ds_config), "--block-size", "32",
             "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--warmup-steps", "3",
             "--output-dir", str(out), "--log-interval", "4", *extra]
+    if launcher == "local":
+        return [LOCAL, "2", *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                 "--master_port", str(free_port()), "--module", "argonne_ds.cli", *args]
@@ -49,7 +60,11 @@ def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
 
 def with_launcher(cmd: list[str], **launcher: str | None) -> list[str]:
     """train_cmd's command with other launcher flags (e.g. num_gpus="4", or a hostfile node;
-    None: a flag without a value)."""
+    None: a flag without a value). A local job takes num_gpus only."""
+    if cmd[0] == LOCAL:
+        if set(launcher) != {"num_gpus"}:
+            raise ValueError(f"a local job takes num_gpus only, not {sorted(launcher)}")
+        return [LOCAL, str(launcher["num_gpus"]), *cmd[2:]]
     i, j = cmd.index("deepspeed.launcher.runner") + 1, cmd.index("--module")
     flags = [x for k, v in launcher.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
     return [*cmd[:i], *flags, *cmd[j:]]
@@ -63,8 +78,11 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    if cmd[0] == LOCAL:
+        proc = run_local(cmd[2:], _log_dir(), int(cmd[1]), env(extra_env), timeout)
+    else:
+        proc = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
@@ -76,6 +94,9 @@ def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int, timeout:
     """Start the job, wait until metrics.jsonl shows `step`, send `sig` to the whole process
     group (launcher and ranks, like a node going down) or to the rank processes only (like a
     scheduler's preemption signal); return (the launcher's exit code, output)."""
+    if cmd[0] == LOCAL:
+        return _local_until_step_then(start_local(cmd[2:], _log_dir(), int(cmd[1]), env()),
+                                      out, step, sig, timeout)
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -105,6 +126,34 @@ def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int, timeout:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _local_until_step_then(job: LocalJob, out: Path, step: int, sig: int, timeout: float
+                           ) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    try:
+        while not _reached(out, step):
+            if job.poll() is not None:
+                raise AssertionError(f"job ended before step {step}:\n{job.output()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"step {step} not reached in {timeout} s")
+            time.sleep(0.02)
+        if sig == signal.SIGKILL:  # a node going down: its helper processes too
+            job.kill()
+        else:
+            job.send_signal(sig)
+        return job.wait(max(1.0, deadline - time.monotonic())), job.output()
+    finally:
+        job.kill()
+
+
+def _reached(out: Path, step: int) -> bool:
+    return (out / "metrics.jsonl").is_file() and any(
+        r.get("step", 0) >= step and "loss" in r for r in read_metrics(out))
+
+
+def _log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="argonne-ranks-"))
 
 
 def read_metrics(out: Path) -> list[dict]:

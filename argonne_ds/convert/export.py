@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from argonne_ds.checkpoint import model_config_of, resolve_checkpoint
+from argonne_ds.checkpoint.store import model_config_of, resolve_checkpoint
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.convert.hf import (
     from_hf_state_dict,
@@ -47,7 +47,7 @@ def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]
             for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
                 state[pipe_to_plain_key(f"{idx}.{k}", layers)] = v
     elif info["mode"] == "zero3":
-        from argonne_ds.engine import zero3_fp32_state
+        from argonne_ds.engine.state import zero3_fp32_state
 
         state = zero3_fp32_state(directory, tag)
     else:

@@ -43,6 +43,7 @@ from argonne_ds.data.discovery import Shard, shard_list_fingerprint
 from argonne_ds.data.encoding import TOKEN_DTYPE, iter_encoded
 from argonne_ds.data.shards import no_good_shards_error
 from argonne_ds.data.tokenizer import Encoder, GigatokenEncoder, LoadedTokenizer, make_encoder
+from argonne_ds.fileio import temp_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 _TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
@@ -97,17 +98,6 @@ def index_path(cache_dir: Path, shard_list: str, tok: LoadedTokenizer, text_colu
     return cache_dir / f"index-{shard_list}-{hashlib.sha256(ident).hexdigest()[:8]}.json"
 
 
-def _write_json_atomic(path: Path, data: object, indent: int | None = 1, sync: bool = False
-                       ) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=indent)
-        if sync:  # the index is trusted without further checks: whole on disk before its name
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_entry(tokens_dir: Path, key: str) -> ShardEntry | None:
     """A trusted entry: its marker exists and the token file has exactly the recorded size."""
     meta = tokens_dir / f"{key}.json"
@@ -127,7 +117,7 @@ def _read_entry(tokens_dir: Path, key: str) -> ShardEntry | None:
 def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
                     encoder: Encoder, progress: object | None) -> ShardEntry:
     entry = ShardEntry(shard.name, shard.path, key)
-    tmp = tokens_dir / f"{key}.bin.tmp{os.getpid()}"
+    tmp = temp_path(tokens_dir / f"{key}.bin")
 
     def show(rows: int) -> None:
         if progress is not None:
@@ -163,7 +153,7 @@ def _tokenize_shard(shard: Shard, key: str, tokens_dir: Path, text_column: str,
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
         raise
-    _write_json_atomic(tokens_dir / f"{key}.json", asdict(entry))
+    write_json_atomic(tokens_dir / f"{key}.json", asdict(entry))
     return entry
 
 
@@ -296,7 +286,7 @@ def _build(shards: Sequence[Shard], tok: LoadedTokenizer, cache_dir: Path, text_
                 logger.warning("skipping bad shard (--on-bad-shard skip): %s", e)
                 entries[i] = ShardEntry(shards[i].name, shards[i].path, keys[i],
                                         status="skipped", error=str(e))
-                _write_json_atomic(tokens_dir / f"{keys[i]}.json", asdict(entries[i]))
+                write_json_atomic(tokens_dir / f"{keys[i]}.json", asdict(entries[i]))
             bar.update(shards[i].size)
         bar.close()
         if sys.modules.get("argonne_ds.data.encode_worker"):
@@ -317,7 +307,7 @@ def _build(shards: Sequence[Shard], tok: LoadedTokenizer, cache_dir: Path, text_
     shard_list = shard_list_fingerprint(shards)
     index = CacheIndex(str(cache_dir), final, tok.fingerprint, tok.separator_id, text_column,
                        shard_list, stats)
-    _write_json_atomic(index_path(cache_dir, shard_list, tok, text_column), asdict(index),
+    write_json_atomic(index_path(cache_dir, shard_list, tok, text_column), asdict(index),
                        sync=True)
     return index
 

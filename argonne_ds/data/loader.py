@@ -12,6 +12,7 @@ from argonne_ds.data.discovery import describe_plan, discover_shards, shard_list
 from argonne_ds.data.shards import no_good_shards_error, open_shard
 from argonne_ds.data.tokenizer import (
     LoadedTokenizer,
+    fallback_tokenizer_dir,
     load_tokenizer,
     make_encoder,
     train_fallback_tokenizer,
@@ -33,9 +34,13 @@ def resolve_tokenizer(cfg: DataConfig, shards: list, model_vocab_size: int | Non
         # the data is read); under error, a bad sampled shard raises as it is read.
         sample = usable_shards(cfg, shards, warn=False) if cfg.on_bad_shard == "skip" else shards
         where = Path(cfg.cache_dir or DEFAULT_TOKENIZER_DIR)
-        with build_lock(where):
-            path = str(train_fallback_tokenizer(sample, cfg.text_column, where,
-                                                vocab_size=cfg.fallback_vocab_size))
+        done = fallback_tokenizer_dir(sample, cfg.text_column, where, cfg.fallback_vocab_size)
+        if (done / "tokenizer.json").is_file():  # complete: every rank reads it, no lock
+            path = str(done)
+        else:  # one process trains it, the others wait for it and then reuse it
+            with build_lock(where):
+                path = str(train_fallback_tokenizer(sample, cfg.text_column, where,
+                                                    vocab_size=cfg.fallback_vocab_size))
     return load_tokenizer(path, model_vocab_size)
 
 

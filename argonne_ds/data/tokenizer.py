@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from argonne_ds.data import DataError
 from argonne_ds.data.discovery import Shard, shard_list_fingerprint
+from argonne_ds.fileio import temp_path
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,19 @@ def sampled_shards(shards: Sequence[Shard], budget: int) -> list[Shard]:
     return out
 
 
+def fallback_tokenizer_dir(
+    shards: Sequence[Shard], text_column: str, cache_dir: str | Path,
+    vocab_size: int = 32_000, sample_bytes: int = 64 * 2**20,
+) -> Path:
+    """Where the fallback tokenizer for this data and vocabulary lives. It appears there whole
+    (trained under a temporary name, then renamed), so a folder holding `tokenizer.json` is
+    complete and can be read without the build lock."""
+    key = hashlib.sha256(json.dumps(
+        [shard_list_fingerprint(sampled_shards(shards, sample_bytes)), vocab_size, sample_bytes,
+         text_column]).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"tokenizer-bpe{vocab_size}-{key}"
+
+
 def train_fallback_tokenizer(
     shards: Sequence[Shard], text_column: str, cache_dir: str | Path,
     vocab_size: int = 32_000, sample_bytes: int = 64 * 2**20,
@@ -147,10 +161,7 @@ def train_fallback_tokenizer(
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     sample = sampled_shards(shards, sample_bytes)
-    key = hashlib.sha256(json.dumps(
-        [shard_list_fingerprint(sample), vocab_size, sample_bytes, text_column]).encode()
-    ).hexdigest()[:12]
-    out = Path(cache_dir) / f"tokenizer-bpe{vocab_size}-{key}"
+    out = fallback_tokenizer_dir(shards, text_column, cache_dir, vocab_size, sample_bytes)
     if (out / "tokenizer.json").is_file():
         logger.info("fallback tokenizer: reusing %s", out)
         return out
@@ -163,7 +174,7 @@ def train_fallback_tokenizer(
         vocab_size=vocab_size, special_tokens=[SEPARATOR, FALLBACK_PAD], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_sample_texts(sample, text_column, sample_bytes), trainer=trainer)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = temp_path(out)
     tmp.mkdir(parents=True, exist_ok=True)
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps({

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from argonne_ds import checkpoint as ckpt
+from argonne_ds.checkpoint import store as ckpt
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
-from argonne_ds.engine import Engine
-from argonne_ds.faults import slow_save
+from argonne_ds.engine.engine import Engine
 from argonne_ds.metrics import format_duration, say
 from argonne_ds.model.pipe import parameters_partition
+from argonne_ds.reliability.faults import slow_save
 from argonne_ds.run_config import ConfigError, RunConfig, compare
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Checkpointer:
     def _resume_resharded(self, path: Path, info: dict[str, Any]) -> TrainState:
         """Written under another layout: carry weights, Adam moments, step, LR schedule and
         data position (reshard.py)."""
-        from argonne_ds import reshard
+        from argonne_ds.checkpoint import reshard
 
         now = self.engine.layout()
         was = ", ".join(f"{k} {info.get(k)}" for k in now if info.get(k) is not None)

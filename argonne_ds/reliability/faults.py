@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from argonne_ds.reliability import OutOfMemory
+from argonne_ds.reliability.exits import OutOfMemory
 
 OOM_ENV = "ARGONNE_INJECT_OOM"
 HANG_ENV = "ARGONNE_INJECT_HANG"

@@ -33,15 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.multiprocessing as torch_mp
 
-from argonne_ds.distributed import free_port, shutdown, skip_shm_build
-
-__all__ = [
-    "DistributedTestError",
-    "cpu_env",
-    "free_port",
-    "run_distributed_test",
-    "skip_shm_build",
-]
+from argonne_ds.engine.distributed import free_port, shutdown, skip_shm_build
 
 T = TypeVar("T")
 
@@ -53,6 +45,21 @@ _MAX_PG_TIMEOUT_S = 60.0
 # waits for the exit code of a worker whose pipe closed (the two events are not simultaneous).
 _KILL_GRACE_S = 3.0
 _EXITCODE_GRACE_S = 5.0
+
+
+# What every rank imports (torch, DeepSpeed, transformers, the trainer): ~5 s per process on two
+# cores. Under "forkserver" (the default) one server process imports them once per test session
+# and every rank is forked from it, so a 2-rank test starts in well under a second.
+PRELOAD = ("torch", "deepspeed", "argonne_ds.cli", "argonne_ds.trainer")
+
+
+def rank_context(start_method: str = "forkserver") -> Any:
+    """The multiprocessing context ranks start from; a forkserver preloads `PRELOAD` (the
+    preload list only counts before the server's first start, so it is set every time)."""
+    ctx = torch_mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
 
 
 class DistributedTestError(AssertionError):
@@ -89,7 +96,7 @@ def run_distributed_test(
     kwargs: Mapping[str, Any] | None = None,
     timeout_s: float = 120.0,
     backend: str = "gloo",
-    start_method: str = "spawn",
+    start_method: str = "forkserver",
     env: Mapping[str, str] | None = None,
 ) -> list[T]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return the results.
@@ -105,7 +112,7 @@ def run_distributed_test(
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     _check_picklable(fn)
 
-    ctx = torch_mp.get_context(start_method)
+    ctx = rank_context(start_method)
     # A fresh port per call: consecutive tests must not meet a previous run's store.
     port = free_port()
     worker_env = cpu_env(env)
@@ -384,35 +391,3 @@ def _worker(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0 if ok else 1)
-
-
-def measured_step_peak(config: Any, micro_batch: int, seq_len: int, dtype: torch.dtype,
-                       checkpointing: bool, chunked: bool) -> int:
-    """Peak bytes allocated by one forward + backward of the plain model beyond its weights and
-    gradients (the gradients already allocated, as under accumulation), measured by torch's
-    MemTracker (every tensor storage, any device): what model/memory.py's plan predicts.
-    `chunked`: the loss through the model's labels (model/loss.py); else the whole logits and
-    `causal_lm_loss`, as a pipeline's last stage computes it."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from argonne_ds.model.model import ArgonneModel, causal_lm_loss
-
-    torch.manual_seed(0)
-    model = ArgonneModel(config).to(dtype).train()
-    model.gradient_checkpointing = checkpointing
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g)
-    y = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g)
-
-    def step() -> None:
-        loss = (model(x, labels=y).loss if chunked
-                else causal_lm_loss(model(x).logits, y))
-        loss.backward()
-
-    step()  # the gradients now exist
-    state = sum(2 * p.numel() * p.element_size() for p in model.parameters())
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        step()
-    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]) - state

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from argonne_ds.reliability import Exit, JobError
+from argonne_ds.reliability.exits import Exit, JobError
 
 
 def parse_steps(items: list[str]) -> set[int]:

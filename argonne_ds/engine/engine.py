@@ -8,10 +8,8 @@ The JSON alone picks the mode:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,42 +21,14 @@ import torch.distributed as dist
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
-from argonne_ds.distributed import init_distributed
-from argonne_ds.ds_config import COMPILE_KEY, ConfigError, compile_options, engine_mode
-from argonne_ds.model.model import (
-    ArgonneBlock,
-    ArgonneModel,
-    RMSNorm,
-    compile_blocks,
-    init_by_name,
-    initial_value,
-)
-from argonne_ds.model.pipe import (
-    HeadPipe,
-    build_pipeline_module,
-    load_plain_state_into_pipe,
-    pipeline_batches,
-)
+from argonne_ds.engine.distributed import init_distributed
+from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mode
+from argonne_ds.engine.state import init_weights_by_name, load_plain_state, load_portable
+from argonne_ds.model.model import ArgonneBlock, ArgonneModel, RMSNorm, compile_blocks
+from argonne_ds.model.pipe import HeadPipe, build_pipeline_module, pipeline_batches
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def adam_step_value(optimizer: Any, old: Any, step: int) -> Any:
-    """Adam's step count in the form this optimizer keeps it: torch's Adam/AdamW a float32
-    tensor (on the device when fused or capturable), DeepSpeed's FusedAdam (GPU) and CPU Adam a
-    Python int, which they pass to their kernels (a wrong form, or a step of 0, would restart
-    the bias correction)."""
-    if torch.is_tensor(old):
-        return torch.full_like(old, float(step))
-    if old is not None:
-        return int(step)
-    if type(optimizer).__module__.startswith("torch.optim"):
-        device = next((p.device for g in optimizer.param_groups for p in g["params"]
-                       if optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")),
-                      torch.device("cpu"))
-        return torch.tensor(float(step), dtype=torch.float32, device=device)
-    return int(step)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -72,14 +42,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
     ]
-
-
-def zero3_fp32_state(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a ZeRO-3 checkpoint of any rank count, offline (zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag))
 
 
 def start_scheduler(scheduler: Any) -> None:
@@ -102,9 +64,13 @@ class Engine:
 
     def __init__(self, model_config: ArgonneConfig, ds_config: dict[str, Any],
                  weight_decay: float = 0.1, seed: int = 1234,
-                 init_state: dict[str, torch.Tensor] | None = None) -> None:
+                 init_state: Mapping[str, torch.Tensor] | None = None,
+                 init_weights: bool = True) -> None:
         """`init_state`: plain-model weights to start from (e.g. an imported HF folder), loaded
-        before deepspeed.initialize so the optimizer's fp32 masters are built from them."""
+        before deepspeed.initialize so the optimizer's fp32 masters are built from them.
+        `init_weights=False` (a checkpoint will be resumed and overwrite every weight): the
+        seed's by-name initialisation, tens of seconds per rank for argonne2, is skipped."""
+        self.weights_initialized = init_state is not None or init_weights
         init_distributed()
         self.model_config = model_config
         self.ds_config = copy.deepcopy(ds_config)
@@ -128,9 +94,9 @@ class Engine:
         if recompute and isinstance(model, ArgonneModel):
             model.gradient_checkpointing = True
         if init_state is not None:
-            self._load_plain_state(model, init_state)
-        else:
-            self._init_by_name(model, seed)
+            load_plain_state(self, model, init_state)
+        elif init_weights:
+            init_weights_by_name(self, model, seed)
         self.compile_options = compile_options(self.ds_config)
         self.compiled_blocks = 0
         if self.compile_options:
@@ -185,37 +151,6 @@ class Engine:
             return norm
 
         opt.scaled_global_norm = scaled_global_norm
-
-    def _load_plain_state(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        if self.mode == "pipeline":
-            load_plain_state_into_pipe(model, state, self.model_config.num_hidden_layers)
-            return
-        missing = set(dict(model.named_parameters())) - set(state)
-        if missing:
-            raise ConfigError(f"the initial weights lack {sorted(missing)[:4]}")
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if self.mode != "zero3" or dist.get_rank() == 0:
-                    with torch.no_grad():
-                        p.copy_(state[name].to(p.dtype))
-
-    def _init_by_name(self, model: nn.Module, seed: int) -> None:
-        """Every parameter from (seed, its plain name) alone: the same model in every layout.
-        Under zero.Init the partitions are gathered per module (rank 0 writes, the others
-        receive); elsewhere each rank sets the parameters it holds."""
-        if self.mode != "zero3":
-            init_by_name(model, self.model_config, seed, self._plain_name)
-            return
-        for prefix, module in model.named_modules():
-            own = list(module.named_parameters(recurse=False))
-            if not own:
-                continue
-            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0), \
-                    torch.no_grad():
-                if dist.get_rank() == 0:
-                    for local, p in own:
-                        name = f"{prefix}.{local}" if prefix else local
-                        p.copy_(initial_value(module, name, p.shape, self.model_config, seed))
 
     # ---- facts the trainer needs ----------------------------------------------------------
     @property
@@ -443,81 +378,8 @@ class Engine:
                                     save_latest=False)
 
     def load_portable(self, bundle: Any, fallback_step: int) -> int:
-        """Set every parameter this rank holds, fp32 master and Adam moments, from a layout-free
-        `bundle` (reshard.Bundle: plain names -> full tensors), then the working weights the
-        forward uses; read the masters back and require them equal. Returns Adam's step."""
-        from deepspeed.utils import (
-            safe_get_full_fp32_param,
-            safe_set_full_fp32_param,
-            safe_set_full_optimizer_state,
-        )
-
-        named = [(self._plain_name(n), p) for n, p in self.module.named_parameters()]
-        names = [n for n, _ in named]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, names)  # pipeline stages each hold a share
-        bundle.check_names({n for share in gathered for n in share})
-        opt = self.engine.optimizer
-        step = bundle.adam_step(names[0], fallback_step) if names else fallback_step
-        self._create_adam_state(step)
-        partitioned = any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in named)
-        masters: dict[str, torch.Tensor] = {}  # memory-mapped: kept for the read-back check
-        for name, p in named:
-            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
-            state = dict(bundle.states(name, shape))
-            masters[name] = state["fp32"]
-            if partitioned:
-                safe_set_full_fp32_param(p, state["fp32"].to(self.device))
-                for key in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(p, state[key].to(self.device), key)
-                if hasattr(p, "ds_id") and p.data.numel() == p.ds_numel:
-                    p.data.copy_(state["fp32"].to(p.dtype))  # held whole now (persistent)
-            else:  # fp32 without ZeRO: the torch optimizer updates the parameters themselves
-                with torch.no_grad():
-                    p.copy_(state["fp32"])
-                base = getattr(opt, "optimizer", opt)
-                base.state[p].update({k: state[k].to(p.device).clone()
-                                      for k in ("exp_avg", "exp_avg_sq")})
-        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: masters -> working partitions
-            for i in range(len(opt.fp16_groups)):
-                opt._reassign_or_swap_out_partitioned_parameters(i)
-        elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2, bf16: masters -> working weights
-            opt.update_lp_params()
-        for name, p in named:  # every rank the same calls in the same order (collectives)
-            shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
-            got = safe_get_full_fp32_param(p) if partitioned else p.detach()
-            if not torch.equal(got.reshape(shape).float().cpu(), masters[name]):
-                raise RuntimeError(f"{name}: the fp32 master read back differs from the "
-                                   "checkpoint after loading it")
-        return step
-
-    def _plain_name(self, name: str) -> str:
-        if self.mode == "pipeline":
-            from argonne_ds.model.pipe import pipe_to_plain_key
-
-            return pipe_to_plain_key(name, self.model_config.num_hidden_layers)
-        return name
-
-    def _create_adam_state(self, step: int) -> None:
-        """torch's Adam creates its state at the first step; the moments are set into it, so
-        create it now (zeros) and set its step count; ZeRO-1/2 and bf16 link their per-parameter
-        views of it (which they otherwise do after their first step)."""
-        opt = self.engine.optimizer
-        base = getattr(opt, "optimizer", opt)
-        flats = next((list(getattr(opt, a)) for a in (
-            "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-            "fp32_groups_flat_partition") if hasattr(opt, a)), None)
-        if flats is None:  # no ZeRO: one state per parameter
-            flats = [p for g in base.param_groups for p in g["params"]]
-        for flat in flats:
-            state = base.state[flat]
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key not in state:
-                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            state["step"] = adam_step_value(base, state.get("step"), step)
-        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
+        """Set this rank's weights and Adam moments from a layout-free bundle (state.py)."""
+        return load_portable(self, bundle, fallback_step)
 
     def load(self, directory: str | Path, tag: str) -> dict[str, Any]:
         path, state = self.engine.load_checkpoint(str(directory), tag=tag)

@@ -1,104 +1,18 @@
-"""What keeps a long job alive: exit codes that tell launch/train.sh whether to relaunch, the
-out-of-memory backoff record a relaunch starts from, the stop flag (SIGTERM/SIGUSR1 -> finish
-the step, save, exit 0) and the hang watchdog."""
+"""Hangs: a step, save or evaluation that does not finish in time ends the rank with every
+thread's stack and the exit code that relaunches the job."""
 
 from __future__ import annotations
 
 import faulthandler
-import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from enum import IntEnum
-from pathlib import Path
-from typing import Any
 
-
-class Exit(IntEnum):
-    """`argonne-ds train`'s exit codes; launch/train.sh relaunches after CRASH and RELAUNCH."""
-
-    OK = 0  # finished, or stopped by a signal after saving
-    CRASH = 1  # an unexpected error (its traceback is above)
-    BAD_INPUT = 2  # a config, data or checkpoint problem: fix it first
-    NO_FIT = 3  # out of memory at the smallest micro-batch
-    BAD_STEPS = 4  # too many skipped steps in a row (the bad-step guard)
-    RELAUNCH = 75  # a hang or an out-of-memory inside a step: relaunching resumes (EX_TEMPFAIL)
-
-
-class OutOfMemory(RuntimeError):
-    pass
-
-
-class JobError(RuntimeError):
-    """Ends the job with `code` and a one-line message, without a traceback. `everywhere`:
-    every rank raises it alike (rank 0 alone prints it)."""
-
-    def __init__(self, message: str, code: Exit, everywhere: bool = False) -> None:
-        super().__init__(message)
-        self.code, self.everywhere = code, everywhere
-
-
-def is_oom(e: BaseException | None) -> bool:
-    """CUDA OOM, or one wrapped by torch.compile/Dynamo (walk the cause chain)."""
-    import torch
-
-    while e is not None:
-        if isinstance(e, torch.OutOfMemoryError | OutOfMemory) or "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-# ---- out of memory: the job exits, the relaunch starts with half the micro-batch ---------------
-
-BACKOFF_FILE = "oom_backoff.json"
-
-
-def read_backoff(output_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(output_dir) / BACKOFF_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); delete it (it only caps the "
-                         "micro-batch after an out-of-memory error)") from None
-
-
-def write_backoff(output_dir: str | Path, micro: int, was: int, step: int, rank: int,
-                  error: str) -> Path:
-    """Record the micro-batch the next launch uses. Any rank that ran out of memory writes it
-    (temp file + rename: ranks writing at once leave one whole file)."""
-    path = Path(output_dir) / BACKOFF_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{rank}")
-    tmp.write_text(json.dumps({"micro_batch_size": micro, "was": was, "step": step,
-                               "rank": rank, "error": error[:300], "time": time.time()}))
-    os.replace(tmp, path)
-    return path
-
-
-# ---- signals ------------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set by SIGTERM or SIGUSR1; the loop checks it (on every rank alike) after each step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signum
-
-
-# ---- hangs --------------------------------------------------------------------------------------
+from argonne_ds.reliability.exits import Exit
 
 
 class Watchdog:

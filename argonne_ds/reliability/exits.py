@@ -1,0 +1,56 @@
+"""How a job ends: exit codes that tell launch/train.sh whether to relaunch, the one-line job
+error, out-of-memory detection, and the stop flag (SIGTERM/SIGUSR1 -> finish the step, save,
+exit 0)."""
+
+from __future__ import annotations
+
+import signal
+from enum import IntEnum
+
+
+class Exit(IntEnum):
+    """`argonne-ds train`'s exit codes; launch/train.sh relaunches after CRASH and RELAUNCH."""
+
+    OK = 0  # finished, or stopped by a signal after saving
+    CRASH = 1  # an unexpected error (its traceback is above)
+    BAD_INPUT = 2  # a config, data or checkpoint problem: fix it first
+    NO_FIT = 3  # out of memory at the smallest micro-batch
+    BAD_STEPS = 4  # too many skipped steps in a row (the bad-step guard)
+    RELAUNCH = 75  # a hang or an out-of-memory inside a step: relaunching resumes (EX_TEMPFAIL)
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+class JobError(RuntimeError):
+    """Ends the job with `code` and a one-line message, without a traceback. `everywhere`:
+    every rank raises it alike (rank 0 alone prints it)."""
+
+    def __init__(self, message: str, code: Exit, everywhere: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.everywhere = code, everywhere
+
+
+def is_oom(e: BaseException | None) -> bool:
+    """CUDA OOM, or one wrapped by torch.compile/Dynamo (walk the cause chain)."""
+    import torch
+
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError | OutOfMemory) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1; the loop checks it (on every rank alike) after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
