@@ -10,7 +10,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig, add_flags, given
+from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig
+from argonne_ds.run_options import add_flags, given
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from argonne_ds.run_config import load_file
+    from argonne_ds.run_options import load_file
 
     values = {**load_file(args.config)["data"], **given(args, DataConfig)} if args.config \
         else given(args, DataConfig)
@@ -98,7 +99,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from argonne_ds.run_config import resolve_run_config
+    from argonne_ds.run_options import resolve_run_config
     from argonne_ds.trainer import train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))

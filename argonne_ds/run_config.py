@@ -18,10 +18,7 @@ continues, differently from here on) or "note". No torch, transformers or DeepSp
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -204,6 +201,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.data.seed = self.train.seed  # one --seed: weights and data shuffle
+        # Where each option's value came from (run_options.resolve_run_config), for the notes;
+        # not a field: not written, not compared on resume.
+        self.sources: dict[str, str] = {}
+
+    def origin(self, name: str) -> str:
+        """Where option `name` was set: its flag, `section.name in FILE`, or "run config"."""
+        return self.sources.get(name, "run config")
 
     def validate(self) -> RunConfig:
         """What a training run needs beyond each section's own checks."""
@@ -234,12 +238,12 @@ class RunConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(RunConfig)}  # type: ignore
 
 
-def _options(cls: type) -> list[dataclasses.Field]:
+def options_of(cls: type) -> list[dataclasses.Field]:
     return [f for f in fields(cls) if f.metadata.get("cli", True)]
 
 
 def _public(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in _options(type(obj))}
+    return {f.name: getattr(obj, f.name) for f in options_of(type(obj))}
 
 
 def _check_choices(obj: Any) -> None:
@@ -259,7 +263,7 @@ def parse_int(text: str) -> int:
     return int(value)
 
 
-def _field_type(cls: type, name: str) -> tuple[type, bool]:
+def field_type(cls: type, name: str) -> tuple[type, bool]:
     """(the scalar type, whether it is a list) of a field; `X | None` counts as X."""
     hint = typing.get_type_hints(cls)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -269,9 +273,9 @@ def _field_type(cls: type, name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+def coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """A value from a file in the field's type (YAML reads `3e-4` as a string)."""
-    kind, is_list = _field_type(cls, name)
+    kind, is_list = field_type(cls, name)
     if value is None:
         return None
     if is_list:
@@ -288,113 +292,6 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         return parse_int(value) if kind is int and isinstance(value, str) else kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {kind.__name__}, got {value!r}") from None
-
-
-# ---- flags --------------------------------------------------------------------------------------
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None,
-              required: tuple[str, ...] = (), help_defaults: dict[str, Any] | None = None
-              ) -> None:
-    """One flag per option of `cls` (all, or `only`). Flags default to "not given"
-    (argparse.SUPPRESS) so that a run config file's value is not overwritten by a default."""
-    group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower() or "options")
-    for f in _options(cls):
-        if only is not None and f.name not in only:
-            continue
-        meta = f.metadata
-        flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
-        kind, is_list = _field_type(cls, f.name)
-        shown = (help_defaults or {}).get(f.name, f.default if f.default is not
-                                          dataclasses.MISSING else f.default_factory())
-        text = meta["help"] + ("" if shown in (None, [], "") else f" (default: {shown})")
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text,
-                              "required": f.name in required}
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = parse_int if kind is int else kind
-            if is_list:
-                kw["nargs"] = "+"
-            if meta["choices"]:
-                kw["choices"] = meta["choices"]
-        if meta["consts"]:
-            excl = group.add_mutually_exclusive_group()
-            excl.add_argument(*flags, **kw)
-            for switch, const in meta["consts"].items():
-                excl.add_argument(switch, dest=f.name, action="store_const", const=const,
-                                  default=argparse.SUPPRESS, help=f"same as {flags[0]} {const}")
-        else:
-            group.add_argument(*flags, **kw)
-
-
-def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The options of `cls` that were given on the command line."""
-    return {f.name: getattr(args, f.name) for f in _options(cls) if hasattr(args, f.name)}
-
-
-# ---- files --------------------------------------------------------------------------------------
-
-
-def load_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """A YAML or JSON run config -> {section: {option: value}}, typed. Sections (`data:`,
-    `train:`, ...) or flat keys named like the flags (`learning-rate` or `learning_rate`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run config {path} does not exist; see launch/configs/ for examples")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - yaml and json raise different errors
-        raise ConfigError(f"run config {path} does not parse: {' '.join(str(e).split())}") from e
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"run config {path}: expected a mapping of options, got "
-                          f"{type(raw).__name__}")
-    return sectioned(raw, str(path))
-
-
-def sectioned(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
-    owner = {f.name: s for s, cls in SECTIONS.items() for f in _options(cls)}
-    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-
-    def put(key: str, value: Any, section: str | None) -> None:
-        name = key.replace("-", "_")
-        if name not in owner or (section is not None and owner[name] != section):
-            known = sorted(owner) if section is None else sorted(
-                f.name for f in _options(SECTIONS[section]))
-            near = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{where}: unknown option {(section + '.') if section else ''}"
-                              f"{key}{hint} (`argonne-ds train --help` lists them)")
-        out[owner[name]][name] = _coerce(SECTIONS[owner[name]], name, value, where)
-
-    for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for k, v in value.items():
-                put(k, v, key)
-        else:
-            put(key, value, None)
-    return out
-
-
-def resolve_run_config(args: argparse.Namespace) -> RunConfig:
-    """Defaults < the `--config` file < flags given on the command line; validated."""
-    from_file = load_file(args.config) if getattr(args, "config", None) else {}
-    parts = {s: cls(**{**from_file.get(s, {}), **given(args, cls)})
-             for s, cls in SECTIONS.items()}
-    return RunConfig(**parts).validate()
-
-
-def from_dict(raw: dict[str, Any], where: str = "run config") -> RunConfig:
-    parts = sectioned(raw, where)
-    return RunConfig(**{s: cls(**parts[s]) for s, cls in SECTIONS.items()})
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -422,7 +319,7 @@ def compare(saved: dict[str, Any], now: RunConfig) -> list[Change]:
             flat_saved[key] = value
     changes = []
     for section, cls in SECTIONS.items():
-        for f in _options(cls):
+        for f in options_of(cls):
             if f.name not in flat_saved:
                 continue
             before, after = flat_saved[f.name], getattr(getattr(now, section), f.name)

@@ -98,3 +98,29 @@ def test_gigatoken_equals_hf_tokenizers_on_the_sample_corpus() -> None:
             assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), shard.name
             total += len(a[0])
     assert total > 5_000_000  # the whole corpus was compared
+
+
+def test_a_complete_fallback_tokenizer_is_read_without_the_build_lock(
+        shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --tokenizer-path every rank resolves the fallback: once it is on disk (published
+    whole by a rename), they read it without taking the cache's build lock."""
+    import contextlib
+
+    from argonne_ds.data import loader
+    from argonne_ds.run_config import DataConfig
+
+    taken: list[Path] = []
+    real_lock = loader.build_lock
+
+    @contextlib.contextmanager
+    def counting_lock(where: Path):
+        taken.append(where)
+        with real_lock(where):
+            yield
+
+    monkeypatch.setattr(loader, "build_lock", counting_lock)
+    cfg = DataConfig(["x"], cache_dir=str(tmp_path), fallback_vocab_size=300)
+    first = loader.resolve_tokenizer(cfg, shards)
+    assert len(taken) == 1  # trained under the lock
+    again = loader.resolve_tokenizer(cfg, shards)
+    assert len(taken) == 1 and again.path == first.path  # reused, no lock

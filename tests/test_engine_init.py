@@ -50,3 +50,31 @@ def test_engine_parameters_follow_the_model_init(config_name: str) -> None:
         assert all(s == pytest.approx(0.02, rel=0.1) for s in r["matrix"]), r["matrix"]
         assert r["residual"] and all(s == pytest.approx(scaled, rel=0.1) for s in r["residual"])
         assert all(r["norm"])
+
+
+def _count_inits(rank: int, world: int) -> list[int]:
+    from argonne_ds.config import ArgonneConfig
+    from argonne_ds.engine import engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.init_weights_by_name
+
+    def counted(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+
+    engine_module.init_weights_by_name = counted
+    ds = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    counts = []
+    for init in (False, True):
+        calls.clear()
+        engine_module.Engine(ArgonneConfig(**MODEL), ds, init_weights=init)
+        counts.append(len(calls))
+    return counts
+
+
+@pytest.mark.distributed
+def test_resuming_skips_the_seed_initialisation() -> None:
+    """A job that will resume a checkpoint (which overwrites every weight) does not draw the
+    initial weights by name: tens of seconds per data-parallel rank for argonne2."""
+    assert run_distributed_test(_count_inits, world_size=1, timeout_s=120) == [[0, 1]]

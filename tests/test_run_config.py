@@ -19,9 +19,8 @@ from argonne_ds.run_config import (
     RunConfig,
     TrainConfig,
     compare,
-    from_dict,
-    resolve_run_config,
 )
+from argonne_ds.run_options import from_dict, resolve_run_config
 from tests.train_helpers import ROOT, run, steps, train_cmd
 
 EXAMPLES = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
@@ -190,3 +189,17 @@ def test_resume_compares_the_run_config(ws, tmp_path: Path) -> None:
     assert "train.max_steps 4 -> 6" in text
     assert sorted(steps(out)) == list(range(1, 7))
     assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["learning_rate"] == 1e-3
+
+
+def test_notes_name_where_each_value_came_from(tmp_path: Path) -> None:
+    """A note about an override says whether the value came from the run config file or a flag."""
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  data_glob: [x]\ntrain:\n  batch_size: 2\n  max_steps: 10\n  "
+                    f"deepspeed_config: {ROOT / 'ds_configs' / 'cpu_zero3.json'}\n")
+    _, _, notes = resolve_ds_config(resolve("--config", str(path)), world_size=2)
+    assert any(f"batch_size 2 (train.batch_size in {path}) overrides" in n for n in notes), notes
+    _, _, notes = resolve_ds_config(resolve("--config", str(path), "--batch-size", "1",
+                                            "--learning-rate", "1e-3"), world_size=2)
+    assert any("batch_size 1 (--batch-size) overrides" in n for n in notes), notes
+    assert any("learning_rate 0.001 (--learning-rate) overrides optimizer.params.lr" in n
+               for n in notes), notes

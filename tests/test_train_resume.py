@@ -43,3 +43,15 @@ def test_sigkill_then_resume_is_exact(ws, tmp_path: Path, ds_config: str) -> Non
         for key in ("loss", "lr", "data_crc", "samples"):
             assert sa[step][key] == sb[step][key], (step, key, sa[step][key], sb[step][key])
     assert sa[N]["loss"] < sa[1]["loss"]  # it learns: the comparison is not between constants
+
+
+def test_a_resume_is_told_to_skip_the_initial_weights(ws: dict[str, str], tmp_path: Path) -> None:
+    """The trainer asks for no initial weights exactly when a checkpoint is there to resume."""
+    from argonne_ds.run_config import CheckpointConfig, RunConfig
+    from argonne_ds.trainer import _will_resume
+
+    run = RunConfig(checkpoint=CheckpointConfig(output_dir=str(tmp_path)))
+    assert not _will_resume(run)
+    (tmp_path / "checkpoints" / "global_step4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "global_step4" / "argonne_complete.json").write_text("{}")
+    assert _will_resume(run)

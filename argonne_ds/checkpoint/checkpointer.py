@@ -102,6 +102,11 @@ class Checkpointer:
             say(self.rank0, f"[train] resumed from {directory}/{tag}: step {client['step']}, "
                 f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
             return _state(client)
+        if candidates and not self.engine.weights_initialized:
+            # The seed's initial weights were skipped for this resume: do not train from them.
+            raise ConfigError(f"no checkpoint in {directory} could be loaded "
+                              f"({', '.join(candidates)}; warnings above): move them aside to "
+                              "start this run afresh, or pass --checkpoint-path to one that loads")
         return TrainState()
 
     def _abandon_later(self, directory: Path, tag: str) -> None:

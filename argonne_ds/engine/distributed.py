@@ -15,7 +15,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -69,6 +69,15 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank, for decisions taken before an Engine exists."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown(code: int, clean: bool = True) -> NoReturn:

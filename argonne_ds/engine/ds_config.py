@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def engine_mode(ds_config: dict[str, Any]) -> str:
     return "zero3" if stage == 3 else "data_parallel"
 
 
-def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = None
+def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = None,
+                 origin: Callable[[str], str] = lambda name: "run config"
                  ) -> tuple[int, list[str]]:
     """Fix micro-batch, accumulation and global batch in `ds` for `dp` data-parallel ranks. The
     global batch is the invariant (--global-batch-size, else the JSON's train_batch_size, else
@@ -106,7 +108,7 @@ def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = 
                           f"is a multiple of {micro * dp} (--global-batch-size) or another "
                           "--batch-size")
     if micro != json_micro and not capped:
-        notes.append(f"batch_size {micro} (run config) overrides "
+        notes.append(f"batch_size {micro} ({origin('batch_size')}) overrides "
                      f"train_micro_batch_size_per_gpu={json_micro}")
     if accum != json_accum:
         how = ("--gradient-accumulation-steps" if cfg.gradient_accumulation_steps
@@ -128,26 +130,28 @@ def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = N
     ds = read_ds_config(cfg.deepspeed_config)
     notes: list[str] = []
 
-    def override(path: list[str], value: Any, flag: str) -> None:
+    def override(path: list[str], value: Any, name: str) -> None:
         node = ds
         for key in path[:-1]:
             node = node.setdefault(key, {})
         old = node.get(path[-1])
         if old != value:
-            notes.append(f"{flag} {value} overrides {'.'.join(path)}={old}")
+            notes.append(f"{name} {value} ({run.origin(name)}) overrides "
+                         f"{'.'.join(path)}={old}")
         node[path[-1]] = value
 
     compile_options(ds)  # a bad section fails here, before any rank starts the engine
     stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
-    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages, micro_cap)
+    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages, micro_cap,
+                                             run.origin)
     notes += batch_notes
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise ConfigError("give --max-steps or --max-tokens")
     max_steps = cfg.max_steps or math.ceil(cfg.max_tokens / (global_batch * run.data.block_size))
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
-    override(["optimizer", "params", "lr"], cfg.learning_rate, "--learning-rate")
+    override(["optimizer", "params", "lr"], cfg.learning_rate, "learning_rate")
     opt["weight_decay"] = cfg.weight_decay  # applied per group (none on norms, embeddings)
     ratio = cfg.min_learning_rate / cfg.learning_rate
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
