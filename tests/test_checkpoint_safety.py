@@ -6,10 +6,7 @@ save it was made from."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 
 from argonne_ds.checkpoint import reshard
 from argonne_ds.checkpoint import store as ckpt
-from tests.train_helpers import env, read_metrics, run, steps, train_cmd
+from tests.train_helpers import read_metrics, run, start_job, steps, train_cmd
 
 
 def _save(directory: Path, tag: str, payload: str) -> None:
@@ -74,19 +71,16 @@ def test_kill_during_a_save_resumes_from_the_previous_one(ws, reference: Path,
     ck = out / "checkpoints"
     cmd = train_cmd(ws, "cpu_zero3.json", out, "--max-steps", "6", "--save-interval", "2")
     # Test hook: stall inside step 4's save, after every rank wrote its files, before publishing.
-    proc = subprocess.Popen(cmd, env=env({"ARGONNE_INJECT_SLOW_SAVE": "4:120"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    job = start_job(cmd, {"ARGONNE_INJECT_SLOW_SAVE": "4:120"})
     deadline = time.monotonic() + 200
     try:
         staged = ck / ckpt.staging_tag("global_step4")
         while len(list(staged.glob("*optim_states.pt"))) < 2:  # both ranks' files written
-            assert proc.poll() is None and time.monotonic() < deadline, "no stalled save"
+            assert job.poll() is None and time.monotonic() < deadline, "no stalled save"
             time.sleep(0.1)
         time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the node dies mid-save
-        proc.wait()
+        job.kill()  # the node dies mid-save (SIGKILL)
     ck = out / "checkpoints"
     assert staged.is_dir() and not (ck / "global_step4").exists()  # written, never visible
     assert ckpt.resume_candidates(ck) == ["global_step2"]

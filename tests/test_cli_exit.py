@@ -13,7 +13,8 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import argparse, atexit, sys
     import os
-    from argonne_ds import cli, distributed
+    from argonne_ds import cli
+    from argonne_ds.engine import distributed
 
     atexit.register(lambda: print("interpreter teardown ran", flush=True))
 

@@ -45,7 +45,7 @@ def test_sigkill_then_resume_is_exact(ws, tmp_path: Path, ds_config: str) -> Non
     assert sa[N]["loss"] < sa[1]["loss"]  # it learns: the comparison is not between constants
 
 
-def test_a_resume_is_told_to_skip_the_initial_weights(ws: dict[str, str], tmp_path: Path) -> None:
+def test_a_resume_is_told_to_skip_the_initial_weights(tmp_path: Path) -> None:
     """The trainer asks for no initial weights exactly when a checkpoint is there to resume."""
     from argonne_ds.run_config import CheckpointConfig, RunConfig
     from argonne_ds.trainer import _will_resume

@@ -60,11 +60,11 @@ def train_cmd(ws: dict[str, str], ds_config: str, out: Path, *extra: str,
 
 def with_launcher(cmd: list[str], **launcher: str | None) -> list[str]:
     """train_cmd's command with other launcher flags (e.g. num_gpus="4", or a hostfile node;
-    None: a flag without a value). A local job takes num_gpus only."""
+    None: a flag without a value). A local job takes num_gpus (and picks its own free port)."""
     if cmd[0] == LOCAL:
-        if set(launcher) != {"num_gpus"}:
+        if set(launcher) - {"num_gpus", "master_port"}:
             raise ValueError(f"a local job takes num_gpus only, not {sorted(launcher)}")
-        return [LOCAL, str(launcher["num_gpus"]), *cmd[2:]]
+        return [LOCAL, str(launcher.get("num_gpus", cmd[1])), *cmd[2:]]
     i, j = cmd.index("deepspeed.launcher.runner") + 1, cmd.index("--module")
     flags = [x for k, v in launcher.items() for x in ([f"--{k}"] if v is None else [f"--{k}", v])]
     return [*cmd[:i], *flags, *cmd[j:]]
@@ -76,17 +76,23 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
             **(extra or {})}
 
 
-def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     if cmd[0] == LOCAL:
-        proc = run_local(cmd[2:], _log_dir(), int(cmd[1]), env(extra_env), timeout)
+        proc = run_local(cmd[2:], _log_dir(), int(cmd[1]), env(extra_env), timeout, cwd)
     else:
         proc = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True,
-                              timeout=timeout, start_new_session=True)
+                              timeout=timeout, start_new_session=True, cwd=cwd)
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
+
+
+def start_job(cmd: list[str], extra_env: dict[str, str] | None = None) -> LocalJob:
+    """A local job (train_cmd's default) started in the background."""
+    assert cmd[0] == LOCAL, "start_job takes a local job's command"
+    return start_local(cmd[2:], _log_dir(), int(cmd[1]), env(extra_env))
 
 
 def run_until_step_then(cmd: list[str], out: Path, step: int, sig: int, timeout: float = 240,

@@ -24,13 +24,16 @@ from argonne_ds.testing.ranks import cpu_env, free_port, rank_context
 
 
 def _rank_main(rank: int, world_size: int, port: int, argv: list[str], env: dict[str, str],
-               log: str) -> None:
+               log: str, cwd: str | None) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if cwd is not None:
+        os.chdir(cwd)
+    os.environ.clear()  # the job's environment, not the forkserver's
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_SIZE": str(world_size),
@@ -110,29 +113,32 @@ class LocalJob:
 
 
 def start_local(argv: Sequence[str], log_dir: str | Path, world_size: int = 2,
-                env: Mapping[str, str] | None = None, grace_s: float = 30.0) -> LocalJob:
-    """Start `argonne-ds argv` on `world_size` local ranks; rank r logs to log_dir/rank{r}.log."""
+                env: Mapping[str, str] | None = None, grace_s: float = 30.0,
+                cwd: str | Path | None = None) -> LocalJob:
+    """Start `argonne-ds argv` on `world_size` local ranks; rank r logs to log_dir/rank{r}.log.
+    `env`: the ranks' whole environment (default: this process's), cpu_env() added."""
     ctx = rank_context("forkserver")
     port, log_dir = free_port(), Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / f"rank{r}.log" for r in range(world_size)]
     for log in logs:
         log.write_text("")
-    rank_env = cpu_env(env)
+    rank_env = cpu_env({**(os.environ if env is None else env)})
     procs = []
     for rank in range(world_size):
         proc = ctx.Process(target=_rank_main, name=f"argonne-ds-rank{rank}",
-                           args=(rank, world_size, port, list(argv), rank_env, str(logs[rank])))
+                           args=(rank, world_size, port, list(argv), rank_env, str(logs[rank]),
+                                 None if cwd is None else str(cwd)))
         proc.start()
         procs.append(proc)
     return LocalJob(procs, logs, grace_s)
 
 
 def run_local(argv: Sequence[str], log_dir: str | Path, world_size: int = 2,
-              env: Mapping[str, str] | None = None, timeout_s: float = 240.0
-              ) -> subprocess.CompletedProcess:
+              env: Mapping[str, str] | None = None, timeout_s: float = 240.0,
+              cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run it to the end; the result reads like `subprocess.run`'s with both streams merged."""
-    job = start_local(argv, log_dir, world_size, env)
+    job = start_local(argv, log_dir, world_size, env, cwd=cwd)
     code = job.wait(timeout_s)
     out = job.output()
     return subprocess.CompletedProcess(["argonne-ds", *argv], code, out, out)
