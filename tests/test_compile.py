@@ -27,6 +27,7 @@ def test_the_section_is_checked_and_defaults_to_inductor() -> None:
         compile_options({"torch_compile": {"enabled": "yes"}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["keep", "recompute"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing: bool) -> None:
     torch.manual_seed(0)

@@ -88,6 +88,7 @@ def test_separator_falls_back_to_eos(shards, tmp_path: Path) -> None:
     assert tok.separator == "</s>" and tok.separator_id == vocab["</s>"]
 
 
+@pytest.mark.slow
 def test_gigatoken_equals_hf_tokenizers_on_the_sample_corpus() -> None:
     tok = load_tokenizer(qwen_tokenizer_dir())
     giga, hf = GigatokenEncoder(tok), HFEncoder(tok)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from argonne_ds.cli import main
@@ -24,6 +25,7 @@ CFG = dict(vocab_size=151_669, hidden_size=32, num_hidden_layers=1, num_attentio
            num_key_value_heads=1, head_dim=16, intermediate_size=64, max_position_embeddings=32)
 
 
+@pytest.mark.slow
 def test_eval_covers_every_block_once(tmp_path: Path, capsys) -> None:
     write_corpus(tmp_path / "shards")
     torch.manual_seed(0)

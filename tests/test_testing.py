@@ -97,6 +97,7 @@ def test_error_on_one_rank_is_reported_with_traceback_quickly() -> None:
     assert not _live_workers(before)
 
 
+@pytest.mark.slow
 def test_hung_rank_hits_the_deadline_and_leaves_no_processes() -> None:
     timeout_s = 10.0
     before = {p.pid for p in _live_workers()}
