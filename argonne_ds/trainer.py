@@ -4,7 +4,7 @@
 `train` reads top to bottom. What the loop does besides stepping hangs off named hooks
 (`ProgressLog`, `HeldOutEval`, `Sample`). Reliability is explicit: every rank agrees on an
 out-of-memory backoff (which keeps the global batch and the data order) and on a stop signal
-(SIGTERM/SIGUSR1 -> save -> exit 0); checkpoints and resume live in checkpointer.py.
+(SIGTERM/SIGUSR1 -> save -> exit 0); checkpoints and resume live in checkpoint/.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Resuming and saving a training run, around checkpoint.py's bookkeeping.
+"""Resuming and saving a training run, around store.py's bookkeeping.
 
 `Checkpointer.resume()` picks the checkpoint (the newest complete one, or `--checkpoint-path`),
 checks that it belongs to this run (model, run config), then either loads it natively or, when it

@@ -11,6 +11,8 @@ Tests of the launcher itself (hostfiles, train.sh, ssh) still run the real one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -20,7 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from argonne_ds.testing.ranks import cpu_env, free_port, rank_context
+import psutil
+
+from argonne_ds.testing.ranks import _descendants, cpu_env, free_port, rank_context
+
+# Signalling a rank (or its helper) that has already exited.
+_gone = functools.partial(contextlib.suppress, ProcessLookupError, psutil.NoSuchProcess)
 
 
 def _rank_main(rank: int, world_size: int, port: int, argv: list[str], env: dict[str, str],
@@ -142,25 +149,3 @@ def run_local(argv: Sequence[str], log_dir: str | Path, world_size: int = 2,
     code = job.wait(timeout_s)
     out = job.output()
     return subprocess.CompletedProcess(["argonne-ds", *argv], code, out, out)
-
-
-class _gone:
-    """Suppresses the errors of signalling a process that has already exited."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, *_: object) -> bool:
-        import psutil
-
-        return kind is not None and issubclass(kind, ProcessLookupError | psutil.NoSuchProcess)
-
-
-def _descendants(pids: list[int]) -> list[Any]:
-    import psutil
-
-    found = []
-    for pid in pids:
-        with _gone():
-            found.extend(psutil.Process(pid).children(recursive=True))
-    return found
