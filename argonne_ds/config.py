@@ -150,7 +150,7 @@ class ArgonneConfig(PretrainedConfig):
         return self.max_position_embeddings
 
 
-# The seed model. 4096/24 is not integral: head_dim is explicit (128), see README "head_dim".
+# The seed model. 4096/24 is not integral: head_dim is explicit (128), see docs/model.md "head_dim".
 _ARGONNE2: dict[str, Any] = dict(
     vocab_size=151_936,
     hidden_size=4096,

@@ -116,7 +116,7 @@ first = sum(loss[s] for s in steps[:10]) / 10
 last = sum(loss[s] for s in steps[-20:]) / 20
 print(f"[quickstart] training loss {first:.2f} (mean of steps 1-10) -> {last:.2f} (mean of the "
       f"last 20 steps); held-out loss " + " -> ".join(f"{v:.2f} (step {s})" for s, v in evals))
-print("[quickstart] next: README 'Launching' for GPU clusters (launch/train_pipeline.sh, "
+print("[quickstart] next: docs/scaling-out.md 'Launching' for GPU clusters (launch/train_pipeline.sh, "
       "launch/train_zero3.sh, launch/slurm.sbatch)")
 if not last < 0.75 * first:
     sys.exit("[quickstart] the loss did not fall: something is wrong")
