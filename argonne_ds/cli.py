@@ -71,8 +71,10 @@ def _prepare(args: argparse.Namespace) -> int:
         else given(args, DataConfig)
     cfg = DataConfig(**{"cache_dir": DEFAULT_CACHE_DIR, **{k: v for k, v in values.items()
                                                          if v is not None}})
+    if cfg.sources:
+        return _prepare_sources(cfg, args)
     if not cfg.data_glob:
-        raise ValueError("give --data-glob (or data.data_glob in --config)")
+        raise ValueError("give --data-glob (or data.data_glob or data.sources in --config)")
     if cfg.tokenizer_path and cfg.encoder != "tokenizers":
         from argonne_ds.data.encode_worker import prestart
 
@@ -93,6 +95,33 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"[prepare] {s['shards']} shards ({s['tokenized_now']} tokenized now{rate}, "
           f"{s['bad_shards_skipped']} bad skipped): {s['docs']:,} documents, "
           f"{s['empty_docs_skipped']:,} empty skipped, {s['tokens']:,} tokens -> {cfg.cache_dir}")
+    return 0
+
+
+def _prepare_sources(cfg: DataConfig, args: argparse.Namespace) -> int:
+    """`prepare --config` of a run with data.sources: one tokenizer (trained on all of them
+    without one), every source's shards (and held-out shards) cached."""
+    from argonne_ds.data.cache import prepare_cache
+    from argonne_ds.data.discovery import describe_plan, discover_shards
+    from argonne_ds.data.loader import resolve_tokenizer, source_shards
+    from argonne_ds.phases import Plan, parse_sources
+
+    sources = parse_sources(cfg.sources)
+    by_source = source_shards(Plan(sources, ()))
+    tok = resolve_tokenizer(cfg, [s for shards in by_source.values() for s in shards])
+    print(f"[prepare] tokenizer {tok.path} ({tok.vocab_size:,} ids, separator "
+          f"{tok.separator!r} = {tok.separator_id})", flush=True)
+    for source in sources:
+        column = source.text_column or cfg.text_column
+        parts = [("", by_source[source.name])]
+        if source.eval_data_glob:
+            parts.append((" held-out", discover_shards(list(source.eval_data_glob))))
+        for what, shards in parts:
+            print(f"[prepare] source {source.name}{what}: {describe_plan(shards)}", flush=True)
+            index = prepare_cache(shards, tok, cfg.cache_dir, column, cfg.on_bad_shard,
+                                  cfg.encoder, show_progress=not args.no_progress)
+            print(f"[prepare] source {source.name}{what}: {index.stats['tokens']:,} tokens "
+                  f"-> {cfg.cache_dir}", flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ evaluation, a sample."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -14,11 +15,15 @@ import torch
 
 from argonne_ds.checkpoint.checkpointer import Checkpointer, TrainState
 from argonne_ds.data.loader import build_data_iterator
+from argonne_ds.data.mixture import Mixture
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.engine import Batch, Engine, StepResult
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
+from argonne_ds.phases import parse_sources
 from argonne_ds.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,91 @@ class Job:
     def say(self, line: str) -> None:
         say(self.rank0, line, self.bar)
 
+    @property
+    def mixture(self) -> Mixture | None:
+        """The blend of named sources (data.sources), or None for one data_glob."""
+        source = self.data.source
+        return source if isinstance(source, Mixture) else None
+
+    def mixture_fields(self) -> dict[str, Any]:
+        """For the step's record: the phase, tokens drawn from each source so far, each
+        source's share of the current phase's samples (realised, beside its weight) and the
+        passes over it."""
+        mix = self.mixture
+        if mix is None:
+            return {}
+        g, blend = self.data.samples, mix.blend
+        p = blend.phase_of(max(g - 1, 0))
+        counts, base = blend.counts(g), blend.counts(blend.spans[p].start)
+        drawn = max(g - blend.spans[p].start, 1)
+        out: dict[str, Any] = {"phase": mix.records[p]["name"], "phase_index": p}
+        for name, c, b, ep in zip(mix.names, counts.tolist(), base.tolist(),
+                                  mix.epochs(g).values()):
+            out[f"tokens/{name}"] = c * self.run.data.block_size
+            out[f"share/{name}"] = (c - b) / drawn
+            if ep is not None:
+                out[f"epochs/{name}"] = ep
+        return out
+
+
+def say_plan(job: Job) -> None:
+    """At start: each phase's steps, weights and tokens per source, and the passes each source
+    will see over the budget; a warning for a source read more than data.max_repeats times."""
+    mix = job.mixture
+    if mix is None:
+        return
+    G, T = job.engine.global_batch_size, job.run.data.block_size
+    blend, total = mix.blend, job.max_steps * G
+    ends = [s.start for s in blend.spans[1:]] + [total]
+    job.say(f"[plan] {len(blend.spans)} phase(s) over {job.max_steps:,} steps "
+            f"({_tokens(total * T)} tokens), sources {', '.join(mix.names)}")
+    for p, (span, end) in enumerate(zip(blend.spans, ends)):
+        if span.start >= total:
+            job.say(f"[plan] phase {span.name!r} starts after the budget: not reached")
+            continue
+        end = min(end, total)
+        drawn = blend.counts(end) - blend.counts(span.start)
+        shares = " | ".join(
+            f"{n} {mix.records[p].get('weights', {}).get(n, 0):g} -> {_tokens(int(c) * T)} tok"
+            for n, c in zip(mix.names, drawn) if c)
+        decay = mix.records[p].get("decay")
+        job.say(f"[plan] phase {span.name!r}: steps {span.start // G + 1}-{end // G}"
+                f"{', LR decays ' + decay if decay else ''}: {shares}")
+    passes = mix.epochs(total)
+    job.say("[plan] passes over each source by the end: " + ", ".join(
+        f"{n} {'?' if e is None else f'{e:.2f}'}" for n, e in passes.items()))
+    for name, e in passes.items():
+        if e is not None and e > job.run.data.max_repeats:
+            logger.warning("source %r will be read %.1f times over the plan (more than "
+                           "data.max_repeats %g): a small source repeats; add data or lower "
+                           "its weight", name, e, job.run.data.max_repeats)
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f}{unit}"
+    return str(n)
+
+
+class PhaseLog:
+    """When a step begins a phase (or a run starts inside one): one line and a `phase` event."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.phase = job, None
+
+    def __call__(self, state: TrainState, result: StepResult) -> None:
+        fields = self.job.mixture_fields()
+        if not fields or fields["phase_index"] == self.phase:
+            return
+        self.phase = fields["phase_index"]
+        record = self.job.mixture.records[self.phase]
+        self.job.say(f"[phase] step {state.step}: phase {record['name']!r} (weights "
+                     + ", ".join(f"{k} {v:g}" for k, v in record.get("weights", {}).items() if v)
+                     + (f"; LR decays {record['decay']}" if record.get("decay") else "") + ")")
+        self.job.sink.log({"step": state.step, "event": "phase", "phase": record["name"],
+                           "phase_index": self.phase})
+
 
 class ProgressLog:
     """Every --log-interval steps: loss, LR, grad norm, tok/s, MFU, tokens, data position, ETA."""
@@ -66,10 +156,13 @@ class ProgressLog:
         util = tok_s * self.flops_tok / (job.engine.world_size * (self.peak or 1) * 1e12)
         mfu = f" | MFU {100 * util:.1f}%" if self.peak else ""
         gn = f"{result.grad_norm:.3f}" if result.grad_norm is not None else "-"
+        mix = job.mixture_fields()
+        where = (f"phase {mix['phase']} " + " ".join(
+            f"{k[6:]} {100 * v:.0f}%" for k, v in mix.items() if k.startswith("share/"))
+            if mix else f"data epoch {job.data.epoch}")
         job.say(f"[train] step {state.step}/{job.max_steps} | loss {result.loss:.4f} | lr "
                 f"{result.lr:.2e} | gnorm {gn} | {tok_s:,.0f} tok/s{mfu} | tokens "
-                f"{state.tokens / 1e6:,.2f}M | data epoch {job.data.epoch} sample "
-                f"{job.data.samples:,} | ETA {eta}")
+                f"{state.tokens / 1e6:,.2f}M | {where} sample {job.data.samples:,} | ETA {eta}")
         job.sink.log({"step": state.step, "event": "throughput", "tok_s": tok_s})
         self.steps, self.t0 = 0, time.perf_counter()
 
@@ -103,20 +196,35 @@ class CompileReport:
 
 
 class HeldOutEval:
-    """Every --eval-interval steps: the loss on the same --eval-batches held-out micro-batches."""
+    """Every --eval-interval steps: the loss on the same --eval-batches held-out micro-batches
+    of --eval-data-glob, and of each source's eval_data_glob (`eval_loss/<source>`)."""
 
     def __init__(self, job: Job) -> None:
-        self.job, self.batches = job, _eval_batches(job)
+        self.job = job
+        log = job.run.log
+        column = job.run.data.text_column
+        held = {"": (list(log.eval_data_glob), column)} if log.eval_data_glob else {}
+        held |= {s.name: (list(s.eval_data_glob), s.text_column or column)
+                 for s in parse_sources(job.run.data.sources) if s.eval_data_glob}
+        self.batches = {name: _eval_batches(job, *where) for name, where in held.items()} \
+            if log.eval_interval else {}
 
     def __call__(self, state: TrainState, result: StepResult) -> None:
         if not self.batches or state.step % self.job.run.log.eval_interval:
             return
-        loss = self.job.engine.eval_loss(self.batches)
-        ppl = math.exp(min(loss, 50))
-        self.job.sink.log({"step": state.step, "event": "eval", "eval_loss": loss,
-                           "eval_ppl": ppl})
-        self.job.say(f"[eval] step {state.step} | held-out loss {loss:.4f} | perplexity "
-                     f"{ppl:,.1f}")
+        record: dict[str, Any] = {"step": state.step, "event": "eval"}
+        parts = []
+        for name, batches in self.batches.items():
+            loss = self.job.engine.eval_loss(batches)
+            key = f"eval_loss/{name}" if name else "eval_loss"
+            record[key] = loss
+            if not name:
+                record["eval_ppl"] = ppl = math.exp(min(loss, 50))
+                parts.append(f"held-out loss {loss:.4f} | perplexity {ppl:,.1f}")
+            else:
+                parts.append(f"{name} {loss:.4f}")
+        self.job.sink.log(record)
+        self.job.say(f"[eval] step {state.step} | " + " | ".join(parts))
 
 
 class Sample:
@@ -136,12 +244,10 @@ class Sample:
         self.job.say(f"[sample] step {state.step}: {text!r}")
 
 
-def _eval_batches(job: Job) -> list[Batch]:
+def _eval_batches(job: Job, globs: list[str], text_column: str) -> list[Batch]:
     log, engine = job.run.log, job.engine
-    if not log.eval_interval or not log.eval_data_glob:
-        return []
     # The training tokenizer (the fallback included), every block in order.
-    data = dataclasses.replace(job.run.data, data_glob=list(log.eval_data_glob),
+    data = dataclasses.replace(job.run.data, data_glob=globs, sources=[], text_column=text_column,
                                shuffle_window=0, tokenizer_path=job.tok.path)
     micro = engine.micro_batch_size
     it, _ = build_data_iterator(data, global_batch_size=micro * engine.dp_world,

@@ -34,12 +34,13 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple = (),
            consts: dict[str, Any] | None = None, cli: bool = True, on_resume: str = "note",
-           ) -> Any:
+           file_only: bool = False) -> Any:
     """A dataclass field with its flag metadata. `flags`: the spellings (default `--the-name`);
     `consts`: extra switches that set a fixed value (`--bf16` -> precision "bf16"); `cli=False`:
-    set by the code, not a user option."""
+    set by the code, not a user option; `file_only`: a structured option (a list of mappings)
+    that only a --config file sets."""
     meta = {"help": help, "flags": flags, "choices": choices, "consts": consts or {}, "cli": cli,
-            "on_resume": on_resume}
+            "on_resume": on_resume, "file_only": file_only}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -49,6 +50,11 @@ def option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tup
 class DataConfig:
     data_glob: list[str] = option(
         [], "parquet shards: one or more globs (quoted), read in natural order")
+    sources: list[dict] = option(
+        [], "named sources blended by weight (a --config file's data.sources: a list of {name, "
+        "data_glob, weight, text_column, eval_data_glob}; see phases.py)", file_only=True)
+    max_repeats: float = option(
+        4.0, "warn when the plan reads a source more than this many times over the budget")
     tokenizer_path: str | None = option(
         None, "local HF tokenizer folder (default: train a byte-level BPE on the data and keep "
         "it beside the cache)")
@@ -102,6 +108,19 @@ class TrainConfig:
     min_learning_rate: float = option(3e-5, "learning rate at the start of warmup and at the end",
                                       on_resume="warn")
     warmup_steps: int = option(2000, "linear warmup steps", on_resume="warn")
+    lr_schedule: str = option(
+        "cosine", "cosine (warmup, then cosine to the floor over the budget) or wsd "
+        "(warmup-stable-decay: the peak until the decay, then down to the floor; a phase with "
+        "`decay:` places it)", choices=("cosine", "wsd"), on_resume="warn")
+    decay_shape: str = option("1-sqrt", "wsd: the decay's shape",
+                              choices=("linear", "cosine", "1-sqrt"), on_resume="warn")
+    decay_steps: int | None = option(None, "wsd without a decay phase: the last this many steps "
+                                     "decay", on_resume="warn")
+    decay_fraction: float = option(0.2, "wsd without a decay phase or --decay-steps: this "
+                                   "fraction of the budget decays", on_resume="warn")
+    phases: list[dict] = option(
+        [], "the run's phases (a --config file's top-level `phases:`: a list of {name, start, "
+        "weights, decay}; see phases.py)", file_only=True)
     max_steps: int | None = option(None, "optimizer steps to train (or --max-tokens)",
                                    on_resume="warn")
     max_tokens: int | None = option(None, "token budget instead of --max-steps", on_resume="warn")
@@ -120,6 +139,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be positive, got {value}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.decay_steps is not None and self.decay_steps < 0:
+            raise ConfigError(f"train.decay_steps must be >= 0, got {self.decay_steps}")
         if self.learning_rate <= 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(f"need 0 <= train.min_learning_rate ({self.min_learning_rate}) <= "
                               f"train.learning_rate ({self.learning_rate}), learning_rate > 0")
@@ -155,8 +178,6 @@ class LogConfig:
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"log.log_interval must be >= 1, got {self.log_interval}")
-        if self.eval_interval and not self.eval_data_glob:
-            raise ConfigError("--eval-interval needs --eval-data-glob (the held-out shards)")
 
 
 @dataclass
@@ -211,13 +232,17 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """What a training run needs beyond each section's own checks."""
-        if not self.data.data_glob:
-            raise ConfigError("give --data-glob (or data.data_glob in --config)")
+        if not self.data.data_glob and not self.data.sources:
+            raise ConfigError("give --data-glob (or data.data_glob or data.sources in --config)")
         if not self.train.deepspeed_config:
             raise ConfigError("give --deepspeed_config (or train.deepspeed_config in --config); "
                               "see ds_configs/")
         if self.train.max_steps is None and self.train.max_tokens is None:
             raise ConfigError("give --max-steps or --max-tokens")
+        if self.log.eval_interval and not self.log.eval_data_glob and not any(
+                isinstance(s, dict) and s.get("eval_data_glob") for s in self.data.sources):
+            raise ConfigError("--eval-interval needs --eval-data-glob (the held-out shards) or "
+                              "a source's eval_data_glob")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -278,6 +303,10 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
     kind, is_list = field_type(cls, name)
     if value is None:
         return None
+    if is_list and kind is dict:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of mappings, got {value!r}")
+        return [dict(v) for v in value]
     if is_list:
         return [str(v) for v in (value if isinstance(value, list) else [value])]
     try:

@@ -31,7 +31,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] 
     (argparse.SUPPRESS) so that a run config file's value is not overwritten by a default."""
     group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower() or "options")
     for f in options_of(cls):
-        if only is not None and f.name not in only:
+        if (only is not None and f.name not in only) or f.metadata.get("file_only"):
             continue
         meta = f.metadata
         flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
@@ -107,7 +107,9 @@ def sectioned(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
         out[owner[name]][name] = coerce(SECTIONS[owner[name]], name, value, where)
 
     for key, value in raw.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key == "phases":  # the run's phases: a top-level list (kept in train)
+            put(key, value, "train")
+        elif key in SECTIONS and isinstance(value, dict):
             for k, v in value.items():
                 put(k, v, key)
         else:

@@ -29,8 +29,17 @@ from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.distributed import check_shared_dirs, from_rank0, init_distributed
 from argonne_ds.engine.ds_config import pipeline_stages, resolve_ds_config
 from argonne_ds.engine.engine import Batch, Engine
-from argonne_ds.hooks import CompileReport, HeldOutEval, Job, ProgressLog, Sample
+from argonne_ds.hooks import (
+    CompileReport,
+    HeldOutEval,
+    Job,
+    PhaseLog,
+    ProgressLog,
+    Sample,
+    say_plan,
+)
 from argonne_ds.metrics import MetricsSink, say
+from argonne_ds.phases import plan_of
 from argonne_ds.reliability import (
     Exit,
     JobError,
@@ -43,6 +52,7 @@ from argonne_ds.reliability import (
 from argonne_ds.reliability.faults import Faults
 from argonne_ds.reliability.guard import BadStepGuard, parse_steps
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, ConfigError, RunConfig
+from argonne_ds.schedule import wsd_shape
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +66,8 @@ def train(run: RunConfig) -> int:
             f"{run.checkpoint.output_dir}")
     job.bar = tqdm(total=job.max_steps, initial=state.step, disable=None if job.rank0 else True,
                    unit="step", dynamic_ncols=True)
-    hooks = [ProgressLog(job), HeldOutEval(job), Sample(job)]
+    say_plan(job)
+    hooks = [PhaseLog(job), ProgressLog(job), HeldOutEval(job), Sample(job)]
     if engine.compiled_blocks:
         hooks.insert(0, CompileReport(job))
     stop, watchdog, faults = StopFlag(), Watchdog(rank, run.reliability.step_timeout), Faults(rank)
@@ -79,7 +90,7 @@ def train(run: RunConfig) -> int:
                           "samples": data.samples, "epoch": data.epoch,
                           "micro_batch": engine.micro_batch_size, "skipped": bool(note),
                           "skipped_steps": guard.skipped, "data_crc": engine.gather(recorder.crc),
-                          "step_s": time.perf_counter() - t0})
+                          "step_s": time.perf_counter() - t0, **job.mixture_fields()})
             if note:
                 job.say(note)
                 guard.stop_if_stuck(step, job.checkpointer.newest)
@@ -105,6 +116,11 @@ def train(run: RunConfig) -> int:
 
 def setup(run: RunConfig) -> Job:
     """Model config, DeepSpeed JSON, engine, data, resume, run config on disk, metrics."""
+    plan = plan_of(run)  # bad sources and phases are named before anything is loaded
+    if plan is not None:
+        from argonne_ds.data.loader import source_shards
+
+        source_shards(plan)
     init_distributed()
     model_config = _model_config(run)
     if run.data.block_size > model_config.max_position_embeddings:
@@ -115,6 +131,13 @@ def setup(run: RunConfig) -> Job:
     backoff = read_backoff(run.checkpoint.output_dir)
     ds_config, max_steps, notes = resolve_ds_config(
         run, world, micro_cap=backoff and int(backoff["micro_batch_size"]))
+    lr_shape = wsd_shape(run, plan, max_steps)
+    if lr_shape is not None:
+        ds_config.pop("scheduler", None)
+        notes.append(f"learning rate: warmup-stable-decay ({lr_shape.warmup} warmup steps, the "
+                     f"peak until step {lr_shape.decay_start}, then {lr_shape.shape} to "
+                     f"{lr_shape.floor:g} by step {lr_shape.decay_end}) instead of the JSON's "
+                     "scheduler")
     dp = world // pipeline_stages(ds_config)
     if run.data.cache_dir is None and dp > 1:
         # Streaming, every data-parallel rank would tokenize the whole stream to keep its share.
@@ -125,14 +148,16 @@ def setup(run: RunConfig) -> Job:
                        "--cache-dir": run.data.cache_dir})
     resuming = from_rank0(_will_resume(run))  # every rank alike: ZeRO-3's init gathers
     engine = Engine(model_config, ds_config, run.train.weight_decay, run.train.seed,
-                    None if resuming else _hf_weights(run), init_weights=not resuming)
+                    None if resuming else _hf_weights(run), init_weights=not resuming,
+                    lr_shape=lr_shape)
     rank0 = engine.global_rank == 0
     for note in notes:
         say(rank0, f"[config] {note}")
     data, tok = build_data_iterator(
         run.data, global_batch_size=engine.global_batch_size,
         micro_batch_size=engine.micro_batch_size, dp_rank=engine.dp_rank,
-        dp_world=engine.dp_world, model_vocab_size=model_config.vocab_size, show_progress=rank0)
+        dp_world=engine.dp_world, model_vocab_size=model_config.vocab_size, show_progress=rank0,
+        plan=plan)
     check_document_separator(model_config, tok)
     resolved = {"run": run.to_dict(), "deepspeed": ds_config, "model": model_config.to_dict(),
                 "max_steps": max_steps, "mode": engine.mode, "world_size": world}

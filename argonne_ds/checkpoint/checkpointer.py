@@ -70,12 +70,35 @@ class Checkpointer:
         self.directory = Path(run.checkpoint.output_dir) / ckpt.CHECKPOINTS
         self.rank0 = engine.global_rank == 0
         self._warned_slow = False
+        self.branch: dict[str, Any] | None = None  # {"trunk": checkpoint, "step"} of a branch
+
+    def _where(self) -> tuple[Path, str | None]:
+        """The checkpoints to resume: this run's own, or --checkpoint-path's. A branch (its
+        --checkpoint-path in another run) resumes its own newest checkpoint once it has one, so
+        that a relaunch continues the branch instead of restarting it from the trunk."""
+        given = self.run.checkpoint.checkpoint_path
+        if not given:
+            return self.directory, None
+        directory, tag = ckpt.split_checkpoint_path(given)
+        if Path(directory).resolve() == self.directory.resolve():
+            return directory, tag
+        own = self.engine.broadcast_object(ckpt.resume_candidates(self.directory)
+                                           if self.rank0 else None)
+        if own:
+            branch = ckpt.read_marker(self.directory / own[0]).get("branch") or {}
+            if Path(branch.get("trunk", "/nonexistent")).parent == Path(directory).resolve():
+                say(self.rank0, f"[train] this branch of {branch['trunk']} has checkpoints of "
+                    f"its own: resuming {self.directory}/{own[0]}, not the trunk")
+                return self.directory, None
+            raise ConfigError(f"--output-dir {self.run.checkpoint.output_dir} already holds "
+                              f"checkpoints of another run ({own[0]}); branch into a new "
+                              "--output-dir, or drop --checkpoint-path to resume them")
+        return directory, tag
 
     # ---- resume -------------------------------------------------------------------------------
     def resume(self) -> TrainState:
         given = self.run.checkpoint.checkpoint_path
-        directory, tag = (ckpt.split_checkpoint_path(given) if given
-                          else (self.directory, None))
+        directory, tag = self._where()
         # Rank 0 chooses, so every rank tries the same checkpoints in the same order.
         candidates = self.engine.broadcast_object(
             [tag] if tag else (ckpt.resume_candidates(directory) if self.rank0 else None))
@@ -99,6 +122,7 @@ class Checkpointer:
                 continue
             self._restore_data(client)
             self._abandon_later(directory, tag)  # only once the resume can no longer fail
+            self._note_branch(directory, tag, client)
             say(self.rank0, f"[train] resumed from {directory}/{tag}: step {client['step']}, "
                 f"{client['tokens']:,} tokens, data sample {self.data.samples:,}")
             return _state(client)
@@ -108,6 +132,19 @@ class Checkpointer:
                               f"({', '.join(candidates)}; warnings above): move them aside to "
                               "start this run afresh, or pass --checkpoint-path to one that loads")
         return TrainState()
+
+    def _note_branch(self, directory: Path, tag: str, client: dict[str, Any]) -> None:
+        """Resumed from another run's checkpoint: this run is a branch of it (an anneal), which
+        its checkpoints, metrics and wandb config record; the trunk is only read."""
+        if Path(directory).resolve() == self.directory.resolve():
+            self.branch = client.get("branch")
+        else:
+            self.branch = {"trunk": str((Path(directory) / tag).resolve()),
+                           "step": int(client["step"])}
+            say(self.rank0, f"[train] a branch of {self.branch['trunk']} at step "
+                f"{client['step']}: the trunk is only read; this run saves to {self.directory}")
+        if self.branch:
+            self.resolved["branch"] = self.branch
 
     def _abandon_later(self, directory: Path, tag: str) -> None:
         """Resuming this run from an earlier checkpoint (a rollback, or a newer one that would
@@ -149,6 +186,10 @@ class Checkpointer:
 
     def _check_global_batch(self, client: dict[str, Any]) -> None:
         saved, now = client["data"].get("global_batch_size"), self.engine.global_batch_size
+        if saved not in (None, now) and len(self.run.train.phases) > 1:
+            raise ConfigError(f"the checkpoint was trained with a global batch of {saved} "
+                              f"samples, this job makes {now}: a run in phases keeps its global "
+                              f"batch (phases start at steps); pass --global-batch-size {saved}")
         if saved not in (None, now):
             if not self.run.train.allow_global_batch_change:
                 raise ConfigError(
@@ -191,6 +232,7 @@ class Checkpointer:
         took = format_duration(time.perf_counter() - t0)
         self.engine.set_step(int(client["step"]), samples=client.get("global_samples"))
         self._restore_data(client)
+        self._note_branch(path.parent, path.name, client)
         say(self.rank0, f"[train] resumed from {path} across layouts: step {client['step']}, "
             f"{client['tokens']:,} tokens, data sample {self.data.samples:,}; weights, Adam "
             f"moments (step {adam_step}) and LR schedule carried (converted and loaded in {took})")
@@ -249,7 +291,7 @@ class Checkpointer:
                   "model_config": model, "tokenizer_fingerprint": self.tok.fingerprint,
                   "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
                   "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
-                  "guard": state.guard}
+                  "guard": state.guard, "branch": self.branch}
         staged = self.directory / ckpt.staging_tag(tag)
         if self.rank0:  # a save of this tag interrupted earlier
             shutil.rmtree(staged, ignore_errors=True)
@@ -263,7 +305,7 @@ class Checkpointer:
             ckpt.publish(self.directory, tag, {
                 "step": state.step, "model": model, **self.engine.layout(),
                 "run": self.run.to_dict(), "tokenizer_path": os.path.abspath(self.tok.path),
-                "separator_id": self.tok.separator_id})
+                "separator_id": self.tok.separator_id, "branch": self.branch})
             dropped = ckpt.rotate(self.directory, self.run.checkpoint.checkpoint_keep)
             size = sum(f.stat().st_size for f in (self.directory / tag).iterdir())
             print(f"[checkpoint] saved {self.directory}/{tag} in {took:.1f} s ({size / 1e9:.2f} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,9 @@ from argonne_ds.data.tokenizer import (
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, DataConfig
 
 if TYPE_CHECKING:  # stream.py imports torch (~1 s): not on `prepare`'s path
+    from argonne_ds.data.mixture import Mixture
     from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
+    from argonne_ds.phases import Plan, Source
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOKENIZER_DIR = DEFAULT_CACHE_DIR  # the fallback tokenizer lives beside the cache
@@ -66,27 +69,45 @@ def usable_shards(cfg: DataConfig, shards: list, warn: bool = True) -> list:
     return good
 
 
+def source_shards(plan: Plan) -> dict[str, list]:
+    """Each source's shards (natural order), checked: a glob that matches nothing and a shard
+    in two sources are named before anything is read."""
+    out: dict[str, list] = {}
+    owner: dict[str, str] = {}
+    for source in plan.sources:
+        try:
+            shards = discover_shards(list(source.data_glob))
+        except DataError as e:
+            raise DataError(f"source {source.name!r}: {e}") from None
+        for shard in shards:
+            if shard.path in owner:
+                raise DataError(f"sources {owner[shard.path]!r} and {source.name!r} both "
+                                f"contain {shard.path}: a shard belongs to one source; narrow "
+                                "their data_globs")
+            owner[shard.path] = source.name
+        out[source.name] = shards
+    return out
+
+
 def build_data_iterator(
     cfg: DataConfig, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
     dp_world: int = 1, model_vocab_size: int | None = None, show_progress: bool = True,
+    plan: Plan | None = None,
 ) -> tuple[ResumableShardIterator, LoadedTokenizer]:
-    from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
+    """The iterator of one `data_glob`, or with `plan` its sources blended by its phases."""
+    from argonne_ds.data.stream import ResumableShardIterator
 
+    if plan is not None:
+        mixture, tok, fingerprint = _build_mixture(cfg, plan, global_batch_size, model_vocab_size,
+                                                   show_progress)
+        it = ResumableShardIterator(mixture, global_batch_size=global_batch_size,
+                                    micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                                    dp_world=dp_world, fingerprint=fingerprint)
+        return it, tok
     shards = discover_shards(cfg.data_glob)
     logger.info("data: %s", describe_plan(shards))
     tok = resolve_tokenizer(cfg, shards, model_vocab_size)
-    if cfg.cache_dir:
-        # A complete cache: its index, read without a lock (start-up does not grow with ranks).
-        index = load_cache(shards, tok, cfg.cache_dir, cfg.text_column, cfg.on_bad_shard,
-                           cfg.encoder, show_progress=show_progress)
-        source: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, cfg.seed,
-                                                             cfg.shuffle_window)
-        shard_list = index.shard_list  # = shard_list_fingerprint(shards), checked on load
-    else:
-        source = StreamedBlocks(usable_shards(cfg, shards), cfg.text_column,
-                                make_encoder(tok, cfg.encoder), cfg.block_size, cfg.seed,
-                                cfg.shuffle_window, skip_bad=cfg.on_bad_shard == "skip")
-        shard_list = shard_list_fingerprint(shards)
+    source, shard_list = _blocks(cfg, shards, tok, cfg.text_column, cfg.seed, show_progress)
     fingerprint = {
         "shards": shard_list, "tokenizer": tok.fingerprint,
         "separator": tok.separator_id, "text_column": cfg.text_column,
@@ -96,3 +117,67 @@ def build_data_iterator(
                                 micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                                 dp_world=dp_world, fingerprint=fingerprint)
     return it, tok
+
+
+def _blocks(cfg: DataConfig, shards: list, tok: LoadedTokenizer, text_column: str, seed: int,
+            show_progress: bool) -> tuple[CachedBlocks | StreamedBlocks, str]:
+    """One set of shards as blocks (cache or stream), and its shard-list fingerprint."""
+    from argonne_ds.data.stream import CachedBlocks, StreamedBlocks
+
+    if cfg.cache_dir:
+        # A complete cache: its index, read without a lock (start-up does not grow with ranks).
+        index = load_cache(shards, tok, cfg.cache_dir, text_column, cfg.on_bad_shard,
+                           cfg.encoder, show_progress=show_progress)
+        blocks: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, seed,
+                                                             cfg.shuffle_window)
+        return blocks, index.shard_list  # = shard_list_fingerprint(shards), checked on load
+    column_cfg = cfg if text_column == cfg.text_column else \
+        DataConfig(**{**_fields(cfg), "text_column": text_column})
+    blocks = StreamedBlocks(usable_shards(column_cfg, shards), text_column,
+                            make_encoder(tok, cfg.encoder), cfg.block_size, seed,
+                            cfg.shuffle_window, skip_bad=cfg.on_bad_shard == "skip")
+    return blocks, shard_list_fingerprint(shards)
+
+
+def _fields(cfg: DataConfig) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def source_seed(seed: int, name: str) -> int:
+    """Each source's own shuffle: the run's seed and the source's name."""
+    return seed * (1 << 32) + zlib.crc32(name.encode())
+
+
+def _build_mixture(cfg: DataConfig, plan: Plan, global_batch: int, model_vocab_size: int | None,
+                   show_progress: bool) -> tuple[Mixture, LoadedTokenizer, dict]:
+    from argonne_ds.data.mixture import Blend, Mixture, Span
+    from argonne_ds.phases import exact_weights
+
+    by_source = source_shards(plan)
+    for name, shards in by_source.items():
+        logger.info("data: source %s: %s", name, describe_plan(shards))
+    tok = resolve_tokenizer(cfg, [s for shards in by_source.values() for s in shards],
+                            model_vocab_size)
+    blocks, lists = [], {}
+    for source in plan.sources:
+        column = _column(cfg, source)
+        b, shard_list = _blocks(cfg, by_source[source.name], tok, column,
+                                source_seed(cfg.seed, source.name), show_progress)
+        blocks.append(b)
+        lists[source.name] = shard_list if column == cfg.text_column else \
+            f"{shard_list}:{column}"
+    spans = [Span(p.name, p.start * global_batch,
+                  tuple(exact_weights([p.weights[n] for n in plan.names])[0]))
+             for p in plan.phases]
+    mixture = Mixture(plan.names, blocks, Blend(spans), [p.record() for p in plan.phases],
+                      global_batch)
+    fingerprint = {"shards": lists, "tokenizer": tok.fingerprint, "separator": tok.separator_id,
+                   "block_size": cfg.block_size, "seed": cfg.seed,
+                   "shuffle_window": cfg.shuffle_window}
+    return mixture, tok, fingerprint
+
+
+def _column(cfg: DataConfig, source: Source) -> str:
+    return source.text_column or cfg.text_column

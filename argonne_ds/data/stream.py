@@ -32,6 +32,7 @@ from argonne_ds.data import DataError
 from argonne_ds.data.cache import CacheIndex, TokenStore
 from argonne_ds.data.discovery import Shard
 from argonne_ds.data.encoding import TOKEN_DTYPE, iter_encoded
+from argonne_ds.data.mixture import Mixture
 from argonne_ds.data.shards import verify_pages
 from argonne_ds.data.tokenizer import Encoder
 
@@ -263,7 +264,7 @@ class ResumableShardIterator:
     """Yields (input_ids, labels), each (micro_batch, T) int64, for this data-parallel rank."""
 
     def __init__(
-        self, source: CachedBlocks | StreamedBlocks, *, global_batch_size: int,
+        self, source: CachedBlocks | StreamedBlocks | Mixture, *, global_batch_size: int,
         micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
         fingerprint: dict[str, Any] | None = None,
     ) -> None:
@@ -289,7 +290,10 @@ class ResumableShardIterator:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.samples + self.dp_rank * self.per_rank + self.micro * self.m
-        blocks = np.stack([self.source.sample(g) for g in range(first, first + self.m)])
+        if isinstance(self.source, Mixture):
+            blocks = np.stack(self.source.samples(first, self.m))
+        else:
+            blocks = np.stack([self.source.sample(g) for g in range(first, first + self.m)])
         self.micro += 1
         if self.micro * self.m == self.per_rank:
             self.samples += self.G
@@ -329,6 +333,22 @@ class ResumableShardIterator:
             "epoch": self.epoch,
         }
 
+    def _check_source_shards(self, saved: dict[str, str], now: Any, allow: bool) -> None:
+        """A mixture: every source of the checkpoint must read the same shards (sources new
+        since then are checked by the blend: they may not have been drawn from yet)."""
+        if not isinstance(now, dict):
+            raise DataError("the checkpoint was written by a run with data.sources; resume it "
+                            "with its sources (this run has one data_glob)")
+        for name in sorted(set(saved) & set(now)):
+            if saved[name] == now[name]:
+                continue
+            if not allow:
+                raise DataError(f"source {name!r}: its shard list changed since the checkpoint "
+                                f"({saved[name]} -> {now[name]}); pass --allow-shard-change to "
+                                "continue at the same sample index anyway")
+            logger.warning("data: source %r's shard list changed since the checkpoint; "
+                           "continuing as --allow-shard-change asks", name)
+
     def seek(self, samples: int) -> None:
         """Continue at global sample `samples` (cache mode: any sample is O(1) away)."""
         if self.source.mode != "cache" or self.micro:
@@ -342,6 +362,9 @@ class ResumableShardIterator:
         saved, now = state.get("fingerprint", {}), self.fingerprint
         for key in sorted(set(saved) | set(now)):
             if saved.get(key) == now.get(key):
+                continue
+            if key == "shards" and isinstance(saved.get(key), dict):
+                self._check_source_shards(saved[key], now.get(key), allow_shard_change)
                 continue
             if key == "shards" and allow_shard_change:
                 logger.warning("data: the shard list changed since the checkpoint (%s -> %s); "

@@ -26,6 +26,7 @@ from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mod
 from argonne_ds.engine.state import init_weights_by_name, load_plain_state, load_portable
 from argonne_ds.model.model import ArgonneBlock, ArgonneModel, RMSNorm, compile_blocks
 from argonne_ds.model.pipe import HeadPipe, build_pipeline_module, pipeline_batches
+from argonne_ds.schedule import LRShape, WSDSchedule
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -65,11 +66,12 @@ class Engine:
     def __init__(self, model_config: ArgonneConfig, ds_config: dict[str, Any],
                  weight_decay: float = 0.1, seed: int = 1234,
                  init_state: Mapping[str, torch.Tensor] | None = None,
-                 init_weights: bool = True) -> None:
+                 init_weights: bool = True, lr_shape: LRShape | None = None) -> None:
         """`init_state`: plain-model weights to start from (e.g. an imported HF folder), loaded
         before deepspeed.initialize so the optimizer's fp32 masters are built from them.
         `init_weights=False` (a checkpoint will be resumed and overwrite every weight): the
-        seed's by-name initialisation, tens of seconds per rank for argonne2, is skipped."""
+        seed's by-name initialisation, tens of seconds per rank for argonne2, is skipped.
+        `lr_shape`: a warmup-stable-decay schedule (schedule.py) instead of the JSON's."""
         self.weights_initialized = init_state is not None or init_weights
         init_distributed()
         self.model_config = model_config
@@ -105,9 +107,13 @@ class Engine:
                 # none on its children: nothing of ZeRO-3 runs inside the compiled forward.
                 deepspeed.utils.set_z3_leaf_modules(model, [ArgonneBlock])
             self.compiled_blocks = compile_blocks(model, **self.compile_options)
+        if lr_shape is not None:
+            self.ds_config.pop("scheduler", None)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
-            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY})
+            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY},
+            lr_scheduler=None if lr_shape is None else (
+                lambda optimizer: WSDSchedule(optimizer, lr_shape)))
         self.module = model
         start_scheduler(self.scheduler)
         self._even_norm_collectives()
