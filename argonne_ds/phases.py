@@ -171,7 +171,8 @@ def plan_of(run: RunConfig) -> Plan | None:
     plan = Plan(sources, parse_phases(phases, sources))
     for p in plan.phases:
         if sum(p.weights.values()) <= 0:
-            what = "the sources' weights are" if not phases else f"the weights of phase {p.name!r} are"
+            what = ("the sources' weights are" if not phases
+                    else f"the weights of phase {p.name!r} are")
             raise ConfigError(f"{what} all zero: give at least one source a positive weight")
     return plan
 

@@ -391,4 +391,8 @@ class Engine:
         path, state = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise FileNotFoundError(f"checkpoint {directory}/{tag} could not be loaded")
+        if self.scheduler is not None:
+            # The optimizer's state brought back the LR saved with it; this run's schedule (a
+            # phase changed before it started, an appended decay) decides the next step's.
+            self.scheduler.step(self.scheduler.last_batch_iteration)
         return state or {}
