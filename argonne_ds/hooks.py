@@ -104,7 +104,7 @@ def say_plan(job: Job) -> None:
     passes = mix.epochs(total)
     job.say("[plan] passes over each source by the end: " + ", ".join(
         f"{n} {'?' if e is None else f'{e:.2f}'}" for n, e in passes.items()))
-    for name, e in passes.items():
+    for name, e in passes.items() if job.rank0 else ():
         if e is not None and e > job.run.data.max_repeats:
             logger.warning("source %r will be read %.1f times over the plan (more than "
                            "data.max_repeats %g): a small source repeats; add data or lower "

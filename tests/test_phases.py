@@ -225,6 +225,37 @@ def test_a_one_source_run_keeps_its_checkpoint_format(tmp_path: Path) -> None:
     assert isinstance(state["fingerprint"]["shards"], str)
 
 
+def test_streamed_sources_give_the_cached_blocks_and_resume(tmp_path: Path) -> None:
+    """Without a cache each source is tokenized while streaming: the same blocks as from the
+    cache, and a resume from the saved positions continues them."""
+    from argonne_ds.data.loader import build_data_iterator
+    from argonne_ds.run_config import DataConfig
+    from tests.train_helpers import make_workspace
+
+    ws = make_workspace(tmp_path)
+    shards = Path(ws["glob"]).parent
+    run = run_with([{"name": n, "data_glob": str(shards / f"{f}.parquet"), "weight": w}
+                    for n, f, w in (("a", "part_1", 0.5), ("b", "part_2", 0.3),
+                                    ("c", "part_10", 0.2))],
+                   [{"name": "s"}, {"name": "t", "start": 5, "weights": {"a": 1, "c": 3}}])
+    plan = plan_of(run)
+    tok = str(next((tmp_path / "cache").glob("tokenizer-*")))
+
+    def iterator(cache: str | None):
+        cfg = DataConfig(cache_dir=cache, tokenizer_path=tok, block_size=16, shuffle_window=4)
+        return build_data_iterator(cfg, global_batch_size=4, micro_batch_size=2, plan=plan)[0]
+
+    cached, streamed = iterator(ws["cache"]), iterator(None)
+    assert streamed.mode == "stream" and cached.mode == "cache"
+    expect = [next(cached)[0].tolist() for _ in range(2 * 12)]
+    first = [next(streamed)[0].tolist() for _ in range(2 * 7)]
+    assert first == expect[:14]
+    state = streamed.state_dict()
+    again = iterator(None)
+    again.load_state_dict(state)
+    assert first + [next(again)[0].tolist() for _ in range(10)] == expect
+
+
 # ---- the run config: bad input named ----------------------------------------------------------
 
 def run_with(sources: list | None = None, phases: list | None = None, **data):

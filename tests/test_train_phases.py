@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -36,12 +37,14 @@ ANNEAL = {"name": "anneal", "start": BOUNDARY, "weights": {"web": 0.2, "code": 0
           "decay": "linear"}
 
 
-def config(ws: dict[str, str], path: Path, phases: list[dict], **train) -> Path:
+def config(ws: dict[str, str], path: Path, phases: list[dict], max_repeats: float = 4,
+           **train) -> Path:
     shards = Path(ws["glob"]).parent
     raw = {"data": {"sources": [
         {"name": "web", "data_glob": str(shards / "part_1.parquet"), "weight": 0.5},
         {"name": "code", "data_glob": [str(shards / "part_2.parquet")], "weight": 0.3},
-        {"name": "math", "data_glob": str(shards / "part_10.parquet"), "weight": 0.2}]},
+        {"name": "math", "data_glob": str(shards / "part_10.parquet"), "weight": 0.2}],
+        "max_repeats": max_repeats},
         "train": {"lr_schedule": "wsd", **train}, "phases": phases}
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -84,9 +87,13 @@ def same_steps(a: Path, b: Path, keys=("loss", "lr", "data_crc", "samples")) -> 
 def reference(ws, tmp_path_factory) -> tuple[Path, Path]:
     """The uninterrupted 2-stage pipeline run in phases, and its run config."""
     root = tmp_path_factory.mktemp("phases")
-    cfg = config(ws, root / "run.yaml", [STABLE, ANNEAL])
+    cfg = config(ws, root / "run.yaml", [STABLE, ANNEAL], max_repeats=0.25)
     out = root / "ref"
-    log = run(cmd(ws, "cpu_pipeline.json", out, cfg)).stdout
+    proc = run(cmd(ws, "cpu_pipeline.json", out, cfg))
+    log = proc.stdout + proc.stderr
+    # 12 steps of 8 draw 48 of math's ~120 blocks: more than the (tiny) max_repeats.
+    assert re.search(r"source 'math' will be read 0\.\d times over the plan", log)
+    assert "source 'code' will be read" not in log
     assert "[plan] phase 'anneal': steps 7-12, LR decays linear" in log
     assert "[phase] step 7: phase 'anneal'" in log
     return out, cfg

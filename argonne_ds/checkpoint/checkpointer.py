@@ -270,6 +270,8 @@ class Checkpointer:
         from argonne_ds.data.tokenizer import make_encoder
 
         data = self.run.data
+        if data.sources:
+            return None, "a run with data.sources has no single stream to place it in"
         if self.data.mode != "cache":
             return None, "streaming mode (no --cache-dir) cannot seek to it"
         if data.shuffle_window > 1:
