@@ -31,6 +31,7 @@ import numpy as np
 from argonne_ds.data import DataError
 
 logger = logging.getLogger(__name__)
+CHUNK = 4096  # samples located at once
 
 
 @lru_cache(maxsize=32)
@@ -136,6 +137,10 @@ class Mixture:
         self.records = [dict(r) for r in records] if records else [
             {"name": s.name} for s in blend.spans]
         self.G = global_batch
+        # Sources and blocks of the next CHUNK samples, computed at once (a lookup per sample
+        # costs more in numpy calls than the block read itself).
+        self._lo, self._src, self._k = 0, [], []
+        self._streams = any(s.mode == "stream" for s in sources)
         modes = {s.mode for s in sources}
         self.mode = modes.pop() if len(modes) == 1 else "mixed"
         self.n_epoch = None  # each source has its own epochs (epochs())
@@ -145,10 +150,15 @@ class Mixture:
         return self.sources[int(src[0])].sample(int(k[0]))
 
     def samples(self, first: int, n: int) -> list[np.ndarray]:
-        src, k = self.blend.locate(first, n)
-        return [self.sources[s].sample(int(i)) for s, i in zip(src.tolist(), k.tolist())]
+        a = first - self._lo
+        if a < 0 or a + n > len(self._src):
+            src, k = self.blend.locate(first, max(n, CHUNK))
+            self._lo, self._src, self._k, a = first, src.tolist(), k.tolist(), 0
+        return [self.sources[s].sample(i) for s, i in zip(self._src[a:a + n], self._k[a:a + n])]
 
     def release(self, g: int) -> None:
+        if not self._streams:  # the cache forgets nothing: any block is a seek away
+            return
         for source, k in zip(self.sources, self.blend.counts(g).tolist()):
             source.release(k)
 
