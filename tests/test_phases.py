@@ -223,6 +223,11 @@ def test_a_one_source_run_keeps_its_checkpoint_format(tmp_path: Path) -> None:
     assert set(state["fingerprint"]) == {"shards", "tokenizer", "separator", "text_column",
                                          "block_size", "seed", "shuffle_window"}
     assert isinstance(state["fingerprint"]["shards"], str)
+    # Neither kind of run takes the other's checkpoint.
+    with pytest.raises(DataError, match="written by a one-source run"):
+        mixture_iterator([STABLE]).load_state_dict(state)
+    with pytest.raises(DataError, match="written by a run with data.sources"):
+        it.load_state_dict(mixture_iterator([STABLE]).state_dict())
 
 
 def test_streamed_sources_give_the_cached_blocks_and_resume(tmp_path: Path) -> None:

@@ -333,12 +333,10 @@ class ResumableShardIterator:
             "epoch": self.epoch,
         }
 
-    def _check_source_shards(self, saved: dict[str, str], now: Any, allow: bool) -> None:
+    def _check_source_shards(self, saved: dict[str, str], now: dict[str, str], allow: bool
+                             ) -> None:
         """A mixture: every source of the checkpoint must read the same shards (sources new
         since then are checked by the blend: they may not have been drawn from yet)."""
-        if not isinstance(now, dict):
-            raise DataError("the checkpoint was written by a run with data.sources; resume it "
-                            "with its sources (this run has one data_glob)")
         for name in sorted(set(saved) & set(now)):
             if saved[name] == now[name]:
                 continue
@@ -360,6 +358,13 @@ class ResumableShardIterator:
             raise DataError(f"data state version {state.get('version')} is not "
                             f"{STATE_VERSION}; this checkpoint comes from another argonne-ds")
         saved, now = state.get("fingerprint", {}), self.fingerprint
+        if isinstance(now.get("shards"), dict) and not isinstance(saved.get("shards"), dict):
+            raise DataError("the checkpoint was written by a one-source run (data.data_glob); "
+                            "this run has data.sources: resume it with its data_glob, or start "
+                            "the mixture in a new --output-dir")
+        if isinstance(saved.get("shards"), dict) and not isinstance(now.get("shards"), dict):
+            raise DataError("the checkpoint was written by a run with data.sources; resume it "
+                            "with its sources (this run has one data_glob)")
         for key in sorted(set(saved) | set(now)):
             if saved.get(key) == now.get(key):
                 continue
