@@ -64,6 +64,12 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on a GPU that supports it, else fp32")
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the file fully, which runs any code it names: only for a file "
+                   "whose maker you trust (default: tensors, numbers, strings, lists, dicts)")
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from argonne_ds.run_options import load_file
 
@@ -144,7 +150,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from argonne_ds.convert.export import export_hf
 
-    out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+    out = export_hf(args.checkpoint, args.out, dtype=args.dtype, trust=args.trust_pickle)
     print(f"[export] {args.checkpoint} -> {out} ({args.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -195,7 +201,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _import_original(args: argparse.Namespace) -> int:
     from argonne_ds.convert.original import import_original
 
-    out = import_original(args.checkpoint, args.out, model=args.model, dtype=args.dtype)
+    out = import_original(args.checkpoint, args.out, model=args.model, dtype=args.dtype,
+                          trust=args.trust_pickle)
     meta = json.loads((out / "argonne_import.json").read_text())
     print(f"[import] {args.checkpoint} -> {out}: step {meta['step']}, {meta['tokens']:,} tokens; "
           f"data position {meta.get('data_position')}; continue with: argonne-ds train "
@@ -238,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoints folder (newest complete) or one global_stepN folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    _add_trust_flag(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="continue prompts with a trained model")
@@ -269,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="argonne2-orig", help="its model config (preset or JSON)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
+    _add_trust_flag(p)
     p.set_defaults(func=_import_original)
 
     p = sub.add_parser("train", help="train under DeepSpeed (run it with the deepspeed launcher)")

@@ -30,6 +30,7 @@ from argonne_ds.metrics import format_duration, say
 from argonne_ds.model.pipe import parameters_partition
 from argonne_ds.reliability.faults import slow_save
 from argonne_ds.run_config import ConfigError, RunConfig, compare
+from argonne_ds.safe_load import verify_folder
 
 logger = logging.getLogger(__name__)
 # What deepspeed's launch.py (and Slurm's default KillWait) gives ranks between SIGTERM and SIGKILL.
@@ -104,7 +105,10 @@ class Checkpointer:
             [tag] if tag else (ckpt.resume_candidates(directory) if self.rank0 else None))
         if given and not candidates:
             raise ConfigError(f"--checkpoint-path {given}: no complete checkpoint there")
+        foreign = Path(directory).resolve() != self.directory.resolve()
         for tag in candidates:
+            if foreign:  # another run's files: DeepSpeed unpickles them fully (safe_load.py)
+                verify_folder(directory / tag)
             info = with_stage_bounds(self._check_compatible(directory / tag),
                                      self.engine.model_config)
             # Keys an older marker lacks (None) are not counted as changes.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from argonne_ds.model.pipe import pipe_to_plain_key, plain_to_pipe_key
+from argonne_ds.safe_load import safe_load
 
 logger = logging.getLogger(__name__)
 UNIVERSAL = "universal"
@@ -65,7 +66,7 @@ def read_source(path: Path, info: dict[str, Any]) -> Source:
     if not files:
         raise ReshardError(f"{path}: no *mp_rank_00_model_states.pt; not a DeepSpeed checkpoint")
     # mmap: a data-parallel checkpoint holds the whole model here; only the small keys are read.
-    blob = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    blob = safe_load(files[0], mmap=True, deepspeed_types=True)
     client = {k: v for k, v in blob.items() if k not in ("module", "optimizer")}
     return Source(path, str(info.get("mode")), int(info.get("world_size") or 0), client,
                   info.get("time"))
@@ -146,8 +147,7 @@ class Bundle:
         names = sorted(p.name for p in self.zero.iterdir() if p.is_dir())
         self.names = {self._plain(n): n for n in names}
         # mmap: from a ZeRO-3 source it also holds rank 0's flat partitions; only the step is read.
-        common = torch.load(self.zero / "optimizer_state.pt", map_location="cpu",
-                            weights_only=False, mmap=True)
+        common = safe_load(self.zero / "optimizer_state.pt", mmap=True, deepspeed_types=True)
         state = (common.get("optimizer_state_dict") or {}).get("state") or {}
         first = next(iter(state.values()), {})
         self._common_step = first.get("step") if isinstance(first, dict) else None
@@ -166,8 +166,8 @@ class Bundle:
 
     def tensor(self, plain: str, key: str, shape: torch.Size) -> torch.Tensor:
         # mmap: the ranks of a node share the page cache instead of a copy each.
-        blob = torch.load(self.zero / self.names[plain] / f"{key}.pt", map_location="cpu",
-                          weights_only=False, mmap=True)
+        blob = safe_load(self.zero / self.names[plain] / f"{key}.pt", mmap=True,
+                         deepspeed_types=True)
         t = blob["param"] if isinstance(blob, dict) else blob
         if t.numel() != shape.numel():
             raise ReshardError(f"{plain}: {key} has {t.numel()} values in the checkpoint, the "
@@ -177,7 +177,7 @@ class Bundle:
     def adam_step(self, plain: str, fallback: int) -> int:
         path = self.zero / self.names[plain] / "step.pt"
         if path.is_file():
-            return int(torch.load(path, map_location="cpu", weights_only=False))
+            return int(safe_load(path, deepspeed_types=True))
         if self._common_step is not None:
             return int(self._common_step)
         return fallback

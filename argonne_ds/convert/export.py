@@ -26,6 +26,7 @@ from argonne_ds.convert.hf import (
     to_hf_state_dict,
 )
 from argonne_ds.model.pipe import pipe_to_plain_key
+from argonne_ds.safe_load import TRUST_HINT, safe_load, verify_folder
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -36,9 +37,14 @@ class ExportError(ValueError):
     """A checkpoint that cannot be exported, phrased for the user."""
 
 
-def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]:
-    """The whole model's weights in plain Argonne names, fp32, on CPU."""
+def full_state(directory: Path, tag: str, info: dict, trust: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """The whole model's weights in plain Argonne names, fp32, on CPU. The checkpoint may come
+    from elsewhere: its files are checked to load without unpickling code (safe_load.py) before
+    DeepSpeed's zero_to_fp32 reads them, unless `trust`."""
     folder = directory / tag
+    if not trust:
+        verify_folder(folder, hint=TRUST_HINT)
     layers = info["model"]["num_hidden_layers"]
     if info["mode"] == "pipeline":
         state = {}
@@ -51,17 +57,17 @@ def full_state(directory: Path, tag: str, info: dict) -> dict[str, torch.Tensor]
 
         state = zero3_fp32_state(directory, tag)
     else:
-        blob = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)
+        blob = safe_load(folder / "mp_rank_00_model_states.pt", trust=trust,
+                         deepspeed_types=True)
         state = dict(blob["module"])
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
-              max_shard_size: str = "5GB") -> Path:
+              max_shard_size: str = "5GB", trust: bool = False) -> Path:
     directory, tag, info = resolve_checkpoint(checkpoint)
-    out = write_hf_folder(full_state(directory, tag, info), model_config_of(info), out, dtype=dtype,
-                          tokenizer_path=info.get("tokenizer_path"),
+    out = write_hf_folder(full_state(directory, tag, info, trust), model_config_of(info), out,
+                          dtype=dtype, tokenizer_path=info.get("tokenizer_path"),
                           separator_id=info.get("separator_id"), max_shard_size=max_shard_size)
     (out / "argonne_export.json").write_text(json.dumps(
         {"checkpoint": str(directory / tag), "step": info.get("step"), "dtype": dtype}, indent=1))

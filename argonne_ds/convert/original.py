@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from argonne_ds.config import ArgonneConfig, load_model_config
+from argonne_ds.safe_load import UntrustedFileError, safe_load
 
 logger = logging.getLogger(__name__)
 GPT2_MARKERS = ("wpe", "position_embedding", "pos_emb", "ln_1", "ln_2", "c_attn", "c_proj",
@@ -31,12 +32,16 @@ class ImportError_(ValueError):  # noqa: N801 - not the builtin ImportError
     """An original checkpoint that cannot be imported, phrased for the user."""
 
 
-def read_original(path: str | Path) -> dict[str, Any]:
+def read_original(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """The original's checkpoint, read without unpickling code (it holds tensors, numbers,
+    strings, lists and dicts); `trust`: unpickle fully (--trust-pickle)."""
     path = Path(path)
     if not path.is_file():
         raise ImportError_(f"{path} does not exist")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = safe_load(path, trust=trust)
+    except UntrustedFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is "not a checkpoint"
         raise ImportError_(f"{path} is not a readable torch checkpoint ({e})") from e
     if not isinstance(blob, dict) or "model_state_dict" not in blob:
@@ -78,10 +83,10 @@ def check_shapes(state: dict[str, torch.Tensor], config: ArgonneConfig, source: 
 
 
 def import_original(checkpoint: str | Path, out: str | Path, model: str = "argonne2-orig",
-                    dtype: str = "fp32") -> Path:
+                    dtype: str = "fp32", trust: bool = False) -> Path:
     from argonne_ds.convert.export import write_hf_folder
 
-    blob = read_original(checkpoint)
+    blob = read_original(checkpoint, trust)
     state = original_state(blob, str(checkpoint))
     config = load_model_config(model)
     check_shapes(state, config, str(checkpoint))
