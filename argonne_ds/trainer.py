@@ -165,6 +165,7 @@ def setup(run: RunConfig) -> Job:
     state = checkpointer.resume()
     if run.train.from_hf and state.step == 0:
         state = checkpointer.carry_import(state)
+    checkpointer.check_space(at_start=True)
     out = Path(run.checkpoint.output_dir)
     if rank0:  # after the resume checks: a refused resume leaves the old files as they were
         out.mkdir(parents=True, exist_ok=True)

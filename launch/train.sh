@@ -26,7 +26,8 @@
 #   OMP_NUM_THREADS=4          CPU threads per rank (the launcher never sets it)
 #   MAX_RESTARTS=3  RESTART_DELAY=5   relaunches after a crash, a hang or an out-of-memory error
 #                              (exit 1, 75 or a signal), each resuming from the last checkpoint;
-#                              not after exit 2 (bad input), 3 (does not fit) or 4 (bad steps)
+#                              not after exit 2 (bad input), 3 (does not fit), 4 (bad steps)
+#                              or 5 (disk full, quota, read-only)
 #
 # How the processes start:
 #   HOSTFILE (default launch/hostfile, see hostfile.example) and NODE_RANK unset: the launcher
@@ -263,8 +264,8 @@ trap 'stop SIGUSR1' USR1
 
 # ---- run, and relaunch after a crash, a hang or an out-of-memory error ------------------------
 # Exit codes of argonne-ds train: 0 done or stopped after a save; 2 bad input, 3 out of memory at
-# the smallest micro-batch, 4 too many bad steps in a row (a relaunch would meet them again: not
-# relaunched); 75 a hang (the watchdog) or an out-of-memory error (the next launch halves the
+# the smallest micro-batch, 4 too many bad steps in a row, 5 the output folder full, over quota or
+# read-only (a relaunch would meet them again: not relaunched); 75 a hang (the watchdog) or an out-of-memory error (the next launch halves the
 # micro-batch); 1 or a signal: a crash. Each relaunch resumes from the last checkpoint.
 explain() {
     case $1 in
@@ -289,7 +290,7 @@ while :; do
         wait "$child" && status=0 || status=$?
         kill -0 "$child" 2>/dev/null || break
     done
-    case $status in 0 | 2 | 3 | 4) break ;; esac
+    case $status in 0 | 2 | 3 | 4 | 5) break ;; esac
     if [ "$stops" -gt 0 ]; then break; fi  # asked to stop: no relaunch
     if [ "$restarts" -ge "${MAX_RESTARTS}" ]; then
         say "the job exited $status ($(explain "$status")); MAX_RESTARTS=$MAX_RESTARTS" \

@@ -16,6 +16,7 @@ class Exit(IntEnum):
     BAD_INPUT = 2  # a config, data or checkpoint problem: fix it first
     NO_FIT = 3  # out of memory at the smallest micro-batch
     BAD_STEPS = 4  # too many skipped steps in a row (the bad-step guard)
+    DISK_FULL = 5  # the output folder is full, over quota or read-only: free space first
     RELAUNCH = 75  # a hang or an out-of-memory inside a step: relaunching resumes (EX_TEMPFAIL)
 
 

@@ -14,13 +14,16 @@ Every hook is off unless its environment variable is set; none is meant for a re
                          that step ("nan", "1000"), on every launch (like bad data would).
     ARGONNE_INJECT_SLOW_SAVE  STEP:SECONDS: sleep inside that step's save, after every rank wrote
                          its files and before the checkpoint is published (to kill a job mid-save).
+    ARGONNE_INJECT_DISK_FULL  STEP: that step's save fails with ENOSPC after writing part of a file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +33,7 @@ from argonne_ds.reliability.exits import OutOfMemory
 OOM_ENV = "ARGONNE_INJECT_OOM"
 HANG_ENV = "ARGONNE_INJECT_HANG"
 LOSS_ENV = "ARGONNE_INJECT_LOSS"
+DISK_FULL_ENV = "ARGONNE_INJECT_DISK_FULL"
 SLOW_SAVE_ENV = "ARGONNE_INJECT_SLOW_SAVE"
 RESTART_ENV = "ARGONNE_RESTART"
 
@@ -123,6 +127,15 @@ class Faults:
         if factor is None or not torch.is_grad_enabled():
             return out
         return out * factor
+
+
+def disk_full(step: int, staged: Path) -> None:
+    """ARGONNE_INJECT_DISK_FULL=STEP: the save of STEP fails as a full disk does, after part of a
+    file is written into its staging folder (every launch: a full disk stays full)."""
+    at = os.environ.get(DISK_FULL_ENV, "")
+    if at and int(at) == step:
+        (staged / "partial.pt").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(staged))
 
 
 def slow_save(step: int) -> None:
