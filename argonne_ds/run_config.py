@@ -157,6 +157,9 @@ class CheckpointConfig:
         "global_stepN")
     save_interval: int = option(1000, "save every this many steps (and at the end)")
     checkpoint_keep: int = option(3, "keep the newest this many complete checkpoints (0: all)")
+    async_save: bool = option(
+        True, "write checkpoint files in the background: the loop waits only while the state "
+        "is copied off the device (the save at the end or on a stop signal is written at once)")
 
     def __post_init__(self) -> None:
         if self.save_interval < 1 or self.checkpoint_keep < 0:

@@ -107,3 +107,10 @@ class WSDSchedule:
         """Only the position: the shape is this run's (a phase changed before it starts takes
         effect). A cosine checkpoint's state has the same key."""
         self.step(int(state["last_batch_iteration"]))
+
+
+def start_scheduler(scheduler: Any) -> None:
+    """DeepSpeed's WarmupCosineLR begins at iteration -1, where its LR is 0, so the first
+    optimizer step would learn nothing; start it at iteration 0, the minimum LR."""
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
+        scheduler.step(0)

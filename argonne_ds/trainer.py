@@ -101,9 +101,11 @@ def train(run: RunConfig) -> int:
             if is_oom(e):
                 _out_of_memory(job, step, e)
             raise
-        if step % run.checkpoint.save_interval == 0 or step == job.max_steps or stopping:
+        job.checkpointer.poll()  # a save written in the background is published when complete
+        final = step == job.max_steps or stopping
+        if step % run.checkpoint.save_interval == 0 or final:
             state.guard = guard.state_dict()
-            job.checkpointer.save(state)
+            job.checkpointer.save(state, final=final)
         watchdog.disarm()
         if stopping:
             job.say(f"[train] stop signal received: checkpoint at step {state.step} saved, "
@@ -172,7 +174,7 @@ def setup(run: RunConfig) -> Job:
         run.write(out / "run_config.yaml")
         (out / "resolved_config.json").write_text(json.dumps(resolved, indent=1, default=str))
     sink = MetricsSink(out, state.run_id, resolved, enabled=rank0)
-    state.run_id = sink.run_id
+    state.run_id, checkpointer.sink = sink.run_id, sink
     return Job(run, engine, data, tok, checkpointer, sink, state, max_steps)
 
 

@@ -5,38 +5,32 @@ checks that it belongs to this run (model, run config), then either loads it nat
 was written under another layout (pipeline <-> ZeRO-3, other rank counts), converts it
 (reshard.py); both restore weights, optimizer, LR schedule, counters and the data position.
 `carry_import()` continues a run imported from the original code at its step and data position.
-`save()` writes a checkpoint that counts only once every rank's files are on disk. Every
-collective goes through an Engine method, in the same order on every rank.
+Saving (`save()`, in the background or not, the disk-space checks) is saver.py's `Saving`, which
+the Checkpointer extends. Every collective goes through an Engine method, in the same order on
+every rank.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from argonne_ds.checkpoint import space
 from argonne_ds.checkpoint import store as ckpt
+from argonne_ds.checkpoint.saver import Saving
 from argonne_ds.config import ArgonneConfig
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.engine import Engine
 from argonne_ds.metrics import format_duration, say
 from argonne_ds.model.pipe import parameters_partition
-from argonne_ds.reliability.exits import Exit, JobError
-from argonne_ds.reliability.faults import disk_full, slow_save
 from argonne_ds.run_config import ConfigError, RunConfig, compare
 from argonne_ds.safe_load import verify_folder
 
 logger = logging.getLogger(__name__)
-# What deepspeed's launch.py (and Slurm's default KillWait) gives ranks between SIGTERM and SIGKILL.
-SIGTERM_GRACE_S = 30
 # What makes two models the same for a resume (the rest of the config may change).
 ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "intermediate_size", "tie_word_embeddings")
@@ -65,16 +59,14 @@ def _state(client: dict[str, Any]) -> TrainState:
                       client.get("guard"))
 
 
-class Checkpointer:
+class Checkpointer(Saving):
     def __init__(self, run: RunConfig, engine: Engine, data: ResumableShardIterator,
                  tok: LoadedTokenizer, resolved: dict[str, Any]) -> None:
         self.run, self.engine, self.data, self.tok = run, engine, data, tok
         self.resolved = resolved
         self.directory = Path(run.checkpoint.output_dir) / ckpt.CHECKPOINTS
         self.rank0 = engine.global_rank == 0
-        self._warned_slow = False
         self.branch: dict[str, Any] | None = None  # {"trunk": checkpoint, "step"} of a branch
-        self.save_bytes: int | None = None  # the last save's size (rank 0), for the space check
 
     def _where(self) -> tuple[Path, str | None]:
         """The checkpoints to resume: this run's own, or --checkpoint-path's. A branch (its
@@ -287,104 +279,3 @@ class Checkpointer:
                                   discover_shards(data.data_glob), data.text_column,
                                   make_encoder(self.tok, data.encoder), data.block_size,
                                   self.data.blocks_per_epoch)
-
-    # ---- save -------------------------------------------------------------------------------
-    def newest(self) -> str | None:
-        """The newest complete checkpoint of this run, for messages."""
-        complete = ckpt.list_tags(self.directory)[0]
-        return str(self.directory / complete[-1]) if complete else None
-
-    # ---- disk space ---------------------------------------------------------------------------
-    def _needed(self) -> int:
-        if self.save_bytes is None:
-            newest = self.newest()
-            ds = self.engine.ds_config
-            half = any((ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16"))
-            self.save_bytes = (space.folder_bytes(newest) if newest else
-                               space.estimate_save_bytes(self.engine.model_config, half))
-        return self.save_bytes
-
-    def check_space(self, at_start: bool) -> None:
-        """Rank 0 compares the free space in the output folder with a save's size (the last
-        one's, else an estimate) and warns when fewer than two saves fit. At the start of a job,
-        when not even one fits, every rank alike stops (DISK_FULL) before training steps that
-        could not be saved (a relaunch after a failed save ends here, losing nothing)."""
-        verdict = None
-        if self.rank0:
-            needed, free = self._needed(), space.free_bytes(self.directory)
-            if free < needed and at_start:
-                verdict = (f"{self.directory} has {space.gb(free)} free and a checkpoint needs "
-                           f"~{space.gb(needed)}: not starting steps that could not be saved "
-                           f"(the newest intact checkpoint is {self.newest() or 'none'}); free "
-                           "space or give another --output-dir, then relaunch")
-            elif free < 2 * needed:
-                logger.warning("%s has %s free: %s checkpoint of ~%s fit%s (the previous one "
-                               "stays until the next is complete)", self.directory,
-                               space.gb(free), "fewer than two" if free >= needed else "no",
-                               space.gb(needed), "" if free >= needed else "s: the next save "
-                               "will likely fail")
-        if at_start:
-            verdict = self.engine.broadcast_object(verdict)
-        if verdict:
-            raise JobError(verdict, Exit.DISK_FULL, everywhere=True)
-
-    def _save_failed(self, error: BaseException, step: int, staged: Path) -> None:
-        """A save that failed: re-raised as it is, unless the disk is why (full, quota,
-        read-only): then one line, the partial save removed, exit DISK_FULL (not relaunched)."""
-        needed = self.save_bytes or self._needed()
-        problem = space.disk_problem(error, self.directory, needed)
-        if problem is None:
-            raise error
-        shutil.rmtree(staged, ignore_errors=True)
-        free = space.free_bytes(self.directory)
-        raise JobError(
-            f"the checkpoint of step {step} could not be written: {self.directory} is {problem} "
-            f"({space.gb(free)} free after removing the partial save, a save needs "
-            f"~{space.gb(needed)}); the newest intact checkpoint is {self.newest() or 'none'}. "
-            "Free space or give another --output-dir (the run's folder moved there), then "
-            "relaunch: it resumes from that checkpoint", Exit.DISK_FULL) from None
-
-    def save(self, state: TrainState) -> None:
-        self.check_space(at_start=False)
-        tag, model = ckpt.tag_for(state.step), self.engine.model_config.to_dict()
-        client = {"step": state.step, "tokens": state.tokens, "data": self.data.state_dict(),
-                  "model_config": model, "tokenizer_fingerprint": self.tok.fingerprint,
-                  "tokenizer_path": self.tok.path, "separator_id": self.tok.separator_id,
-                  "wandb_run_id": state.run_id, "resolved_config": copy.deepcopy(self.resolved),
-                  "guard": state.guard, "branch": self.branch}
-        staged = self.directory / ckpt.staging_tag(tag)
-        if self.rank0:  # a save of this tag interrupted earlier
-            shutil.rmtree(staged, ignore_errors=True)
-        self.engine.barrier()
-        t0 = time.perf_counter()
-        try:
-            self.engine.save(self.directory, staged.name, client)
-            disk_full(state.step, staged)
-        except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
-            self._save_failed(e, state.step, staged)
-        slow_save(state.step)
-        self.engine.barrier()  # every rank's files are on disk before it is published
-        took = time.perf_counter() - t0
-        if self.rank0:
-            try:
-                ckpt.publish(self.directory, tag, {
-                    "step": state.step, "model": model, **self.engine.layout(),
-                    "run": self.run.to_dict(), "tokenizer_path": os.path.abspath(self.tok.path),
-                    "separator_id": self.tok.separator_id, "branch": self.branch})
-            except OSError as e:
-                self._save_failed(e, state.step, staged)
-            dropped = ckpt.rotate(self.directory, self.run.checkpoint.checkpoint_keep)
-            size = self.save_bytes = space.folder_bytes(self.directory / tag)
-            print(f"[checkpoint] saved {self.directory}/{tag} in {took:.1f} s ({size / 1e9:.2f} "
-                  "GB)" + (f", rotated out {', '.join(dropped)}" if dropped else ""), flush=True)
-            if took > SIGTERM_GRACE_S and not self._warned_slow:
-                self._warned_slow = True
-                logger.warning(
-                    "a save takes %.0f s, more than the %d s a scheduler or the deepspeed "
-                    "launcher leaves between SIGTERM and SIGKILL: a save on their SIGTERM would "
-                    "be cut (the previous checkpoint stays the newest). Stop the job with "
-                    "SIGTERM or SIGUSR1 to launch/train.sh (it waits for the save), or ask "
-                    "Slurm for SIGUSR1 earlier (--signal=B:USR1@N in launch/slurm.sbatch, N above "
-                    "the save time)", took, SIGTERM_GRACE_S)
-        self.engine.barrier()
-

@@ -26,7 +26,7 @@ from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mod
 from argonne_ds.engine.state import init_weights_by_name, load_plain_state, load_portable
 from argonne_ds.model.model import ArgonneBlock, ArgonneModel, RMSNorm, compile_blocks
 from argonne_ds.model.pipe import HeadPipe, build_pipeline_module, pipeline_batches
-from argonne_ds.schedule import LRShape, WSDSchedule
+from argonne_ds.schedule import LRShape, WSDSchedule, start_scheduler
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -43,13 +43,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
     ]
-
-
-def start_scheduler(scheduler: Any) -> None:
-    """DeepSpeed's WarmupCosineLR begins at iteration -1, where its LR is 0, so the first
-    optimizer step would learn nothing; start it at iteration 0, the minimum LR."""
-    if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
-        scheduler.step(0)
 
 
 @dataclass
@@ -379,9 +372,16 @@ class Engine:
         return next((m for m in self.module.modules() if isinstance(m, HeadPipe)), None)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save(self, directory: str | Path, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
-                                    save_latest=False)
+    def save(self, directory: str | Path, tag: str, client_state: dict[str, Any],
+             writer: Any = None) -> None:
+        """`writer`: the CheckpointEngine for the files (checkpoint/writer.py: background)."""
+        default, self.engine.checkpoint_engine = self.engine.checkpoint_engine, (
+            writer or self.engine.checkpoint_engine)
+        try:
+            self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state,
+                                        save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = default
 
     def load_portable(self, bundle: Any, fallback_step: int) -> int:
         """Set this rank's weights and Adam moments from a layout-free bundle (state.py)."""

@@ -15,6 +15,8 @@ Every hook is off unless its environment variable is set; none is meant for a re
     ARGONNE_INJECT_SLOW_SAVE  STEP:SECONDS: sleep inside that step's save, after every rank wrote
                          its files and before the checkpoint is published (to kill a job mid-save).
     ARGONNE_INJECT_DISK_FULL  STEP: that step's save fails with ENOSPC after writing part of a file.
+    ARGONNE_INJECT_SLOW_WRITE  STEP:SECONDS: a background save of that step sleeps before its first
+                         file is written (training goes on meanwhile: to kill a job mid-write).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ OOM_ENV = "ARGONNE_INJECT_OOM"
 HANG_ENV = "ARGONNE_INJECT_HANG"
 LOSS_ENV = "ARGONNE_INJECT_LOSS"
 DISK_FULL_ENV = "ARGONNE_INJECT_DISK_FULL"
+SLOW_WRITE_ENV = "ARGONNE_INJECT_SLOW_WRITE"
+_slept: set[str] = set()
 SLOW_SAVE_ENV = "ARGONNE_INJECT_SLOW_SAVE"
 RESTART_ENV = "ARGONNE_RESTART"
 
@@ -136,6 +140,15 @@ def disk_full(step: int, staged: Path) -> None:
     if at and int(at) == step:
         (staged / "partial.pt").write_bytes(b"\0" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(staged))
+
+
+def slow_write(path: str) -> None:
+    at, _, seconds = os.environ.get(SLOW_WRITE_ENV, "").partition(":")
+    folder = os.path.basename(os.path.dirname(path))
+    if at and folder.startswith(f"global_step{at}") and folder[len(f"global_step{at}"):][:1] \
+            in ("", ".") and folder not in _slept:
+        _slept.add(folder)
+        time.sleep(float(seconds or 60))
 
 
 def slow_save(step: int) -> None:
