@@ -3,7 +3,9 @@
 `BackgroundWriter` is a DeepSpeed `CheckpointEngine` (the object DeepSpeed hands every file of a
 save to: model states, layer files, optimizer partitions). Its `save()` copies the state dict off
 the device — into pinned host buffers on a GPU (kept for the next save), a plain copy on a CPU —
-and queues it; a thread writes the queued files with torch.save and fsyncs each. DeepSpeed's
+and queues it; a thread writes the queued files with torch.save and fsyncs each. The buffers are
+kept for the next save (the same files, the same shapes), so that save copies into memory that
+is already there. DeepSpeed's
 save_checkpoint therefore returns once the copies are made, and training goes on while the files
 are written. The checkpointer publishes the checkpoint (marker + rename) only when every rank's
 writer is idle and none failed (checkpointer.py): until then it is a staging folder that no resume
@@ -38,7 +40,7 @@ class BackgroundWriter(CheckpointEngine):
         self._pending = 0
         self.error: BaseException | None = None
         self.write_s = 0.0  # seconds the thread spent writing the files of the current save
-        self._pinned: dict[tuple[str, str], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -77,14 +79,14 @@ class BackgroundWriter(CheckpointEngine):
     # ---- inside ------------------------------------------------------------------------------
     def _copy(self, obj: Any, name: str, key: str) -> Any:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach()
-            if t.device.type == "cpu":
-                return t.clone()
-            slot = (name, key)
-            buf = self._pinned.get(slot)
+            # Into this slot's buffer of the previous save (no fresh pages to fault in): pinned
+            # host memory for a device tensor, plain memory for a CPU one; compact either way.
+            t, slot = obj.detach(), (name, key)
+            buf = self._buffers.get(slot)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = self._pinned[slot] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return buf.copy_(t, non_blocking=True)
+                buf = self._buffers[slot] = torch.empty(
+                    t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            return buf.copy_(t, non_blocking=t.device.type == "cuda")
         if isinstance(obj, dict):
             return type(obj)((k, self._copy(v, name, f"{key}/{k}")) for k, v in obj.items()) \
                 if type(obj) is not dict else {k: self._copy(v, name, f"{key}/{k}")
