@@ -161,12 +161,18 @@ class Saving:
     def _complete(self) -> None:
         job, self._in_flight = self._in_flight, None
         error = self._writer.error if self._writer is not None else None
-        if not self.engine.all_ranks(error is None):
+        # Every rank learns whether, and why, any rank's files failed: all stop with one code.
+        reports = self.engine.gather(None if error is None else (
+            space.disk_problem(error, self.directory, self._needed()) or "failed"))
+        if any(reports):
             if error is not None:
-                self._save_failed(error, job.step, job.staged)
-            raise JobError(f"the checkpoint of step {job.step} could not be written on another "
-                           "rank (its error above); the newest intact checkpoint is "
-                           f"{self.newest() or 'none'}", Exit.CRASH)
+                self._save_failed(error, job.step, job.staged)  # raises
+            rank, what = next((i, r) for i, r in enumerate(reports) if r)
+            raise JobError(
+                f"the checkpoint of step {job.step} could not be written on rank {rank}"
+                + (" (its error above)" if what == "failed" else f": {self.directory} is {what}")
+                + f"; the newest intact checkpoint is {self.newest() or 'none'}",
+                Exit.CRASH if what == "failed" else Exit.DISK_FULL)
         slow_save(job.step)
         self.engine.barrier()  # every rank's files are on disk before it is published
         took = time.perf_counter() - job.started
