@@ -5,10 +5,11 @@ writes into `global_stepN.partial` and publishes it (marker + rename, store.py) 
 rank's files are on disk, so a save cut at any point leaves the previous checkpoint the newest.
 
 With `checkpoint.async_save` the loop is blocked only while DeepSpeed's state is copied off the
-device (writer.py); the files are written by a thread while training goes on. After every step
-`poll()` asks every rank (one all-reduce, only while a write is in flight) whether its writer is
-idle; when all are, rank 0 publishes. The next save, a save on a stop signal and the end of the
-job wait for a write in flight first (`finish()`), and those two final saves are written at once.
+device (writer.py); the files are written by a thread while training goes on, and rank 0's thread
+publishes once every rank's marker says its files are on disk — no collective, so the save
+completes even if the next step fails. After every step `poll()` reports a finished save (and a
+failed write, as below). The next save, a save on a stop signal and the end of the job wait for a
+write in flight first (`finish()`), and those two final saves are written at once.
 Disk space is checked at the start and before each save (space.py); a save that fails because
 the disk is full, over quota or read-only ends the job with one line and exit DISK_FULL.
 """
@@ -43,6 +44,7 @@ class InFlight:
     staged: Path
     started: float  # perf_counter at the start of the save
     blocked_s: float  # how long the loop waited (the copy off the device)
+    published: tuple[float, int, list[str]] | None = None  # rank 0: (seconds, bytes, rotated)
 
 
 class Saving:
@@ -51,6 +53,7 @@ class Saving:
     _warned_slow = False
     _writer: Any = None
     _in_flight: InFlight | None = None
+    _unsettled = False  # a background save since the last finish(): the same on every rank
     sink: Any = None  # the MetricsSink: a `checkpoint` event per published save
 
     def newest(self) -> str | None:
@@ -130,68 +133,75 @@ class Saving:
         if background and self._writer is None:
             from argonne_ds.checkpoint.writer import BackgroundWriter
 
-            self._writer = BackgroundWriter()
+            self._writer = BackgroundWriter(self.engine.global_rank, self.engine.world_size)
         try:
             self.engine.save(self.directory, staged.name, client,
                              writer=self._writer if background else None)
             disk_full(state.step, staged)
         except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
             self._save_failed(e, state.step, staged)
-        self._in_flight = InFlight(tag, state.step, staged, t0, time.perf_counter() - t0)
-        if not background or final:
+        job = self._in_flight = InFlight(tag, state.step, staged, t0, time.perf_counter() - t0)
+        if not background:
+            slow_save(state.step)
+            self.engine.barrier()  # every rank's files are on disk before it is published
+            if self.rank0:
+                try:
+                    self._publish_files(job)
+                except OSError as e:
+                    self._save_failed(e, state.step, staged)
+            self._done()
+            self.engine.barrier()
+            return
+        self._writer.seal(staged, (lambda: self._publish_files(job)) if self.rank0 else None)
+        self._unsettled = True
+        if final:
             self.finish()
         elif self.rank0:
-            print(f"[checkpoint] step {state.step}: state copied in "
-                  f"{self._in_flight.blocked_s:.2f} s; writing {staged.name} in the background",
-                  flush=True)
+            print(f"[checkpoint] step {state.step}: state copied in {job.blocked_s:.2f} s; "
+                  f"writing {staged.name} in the background", flush=True)
 
     def poll(self) -> None:
-        """After a step: publish the save in flight once every rank's files are written."""
-        if self._in_flight is not None and self.engine.all_ranks(self._writer.idle()):
-            self._complete()
+        """After a step: report the save in flight once this rank's writer is done with it."""
+        if self._in_flight is not None and self._writer is not None and self._writer.idle():
+            self._done()
 
     def finish(self) -> None:
-        """Wait for the save in flight, if any, and publish it."""
-        if self._in_flight is None:
+        """Wait for the save in flight, if any (every rank alike: the next save, the end)."""
+        if not self._unsettled:
             return
-        if self._writer is not None:
-            self._writer.wait()
-        self._complete()
+        self._writer.wait()
+        if self._in_flight is not None:
+            self._done()
+        self.engine.barrier()  # every rank is past the save before the next one starts
+        self._unsettled = False
 
-    def _complete(self) -> None:
+    def _done(self) -> None:
+        """This rank's part of the save is over: a failed write ends the job here (one line;
+        DISK_FULL when the disk is why), rank 0 reports the published checkpoint."""
         job, self._in_flight = self._in_flight, None
         error = self._writer.error if self._writer is not None else None
-        # Every rank learns whether, and why, any rank's files failed: all stop with one code.
-        reports = self.engine.gather(None if error is None else (
-            space.disk_problem(error, self.directory, self._needed()) or "failed"))
-        if any(reports):
-            if error is not None:
-                self._save_failed(error, job.step, job.staged)  # raises
-            rank, what = next((i, r) for i, r in enumerate(reports) if r)
-            raise JobError(
-                f"the checkpoint of step {job.step} could not be written on rank {rank}"
-                + (" (its error above)" if what == "failed" else f": {self.directory} is {what}")
-                + f"; the newest intact checkpoint is {self.newest() or 'none'}",
-                Exit.CRASH if what == "failed" else Exit.DISK_FULL)
-        slow_save(job.step)
-        self.engine.barrier()  # every rank's files are on disk before it is published
-        took = time.perf_counter() - job.started
-        if self.rank0:
-            self._publish(job, took)
-        self.engine.barrier()
+        if error is not None:
+            self._save_failed(error, job.step, job.staged)
+        if self.rank0 and job.published is not None:
+            self._report(job)
 
-    def _publish(self, job: InFlight, took: float) -> None:
-        try:
-            ckpt.publish(self.directory, job.tag, {
-                "step": job.step, "model": self.engine.model_config.to_dict(),
-                **self.engine.layout(), "run": self.run.to_dict(),
-                "tokenizer_path": os.path.abspath(self.tok.path),
-                "separator_id": self.tok.separator_id, "branch": self.branch})
-        except OSError as e:
-            self._save_failed(e, job.step, job.staged)
+    def _publish_files(self, job: InFlight) -> None:
+        """Rank 0, once every rank's files are on disk (on the writer's thread when async)."""
+        if self._writer is not None and self.run.checkpoint.async_save:
+            slow_save(job.step)
+        ckpt.publish(self.directory, job.tag, {
+            "step": job.step, "model": self.engine.model_config.to_dict(),
+            **self.engine.layout(), "run": self.run.to_dict(),
+            "tokenizer_path": os.path.abspath(self.tok.path),
+            "separator_id": self.tok.separator_id, "branch": self.branch})
         dropped = ckpt.rotate(self.directory, self.run.checkpoint.checkpoint_keep)
-        size = self.save_bytes = space.folder_bytes(self.directory / job.tag)
-        how = (f"in {took:.1f} s" if self._writer is None or took <= job.blocked_s + 0.05 else
+        size = space.folder_bytes(self.directory / job.tag)
+        job.published = (time.perf_counter() - job.started, size, dropped)
+
+    def _report(self, job: InFlight) -> None:
+        took, size, dropped = job.published
+        self.save_bytes = size
+        how = (f"in {took:.1f} s" if took <= job.blocked_s + 0.05 else
                f"in {took:.1f} s (the loop waited {job.blocked_s:.2f} s of it)")
         print(f"[checkpoint] saved {self.directory}/{job.tag} {how} ({size / 1e9:.2f} GB)"
               + (f", rotated out {', '.join(dropped)}" if dropped else ""), flush=True)

@@ -7,9 +7,13 @@ and queues it; a thread writes the queued files with torch.save and fsyncs each.
 kept for the next save (the same files, the same shapes), so that save copies into memory that
 is already there. DeepSpeed's
 save_checkpoint therefore returns once the copies are made, and training goes on while the files
-are written. The checkpointer publishes the checkpoint (marker + rename) only when every rank's
-writer is idle and none failed (checkpointer.py): until then it is a staging folder that no resume
-trusts, so a kill -9 during the write leaves the previous checkpoint the newest. One save is in
+are written. When a rank's files of a save are written, its writer leaves a marker
+(`.written-rank<R>`) in the staging folder (`seal`); rank 0's writer waits for every rank's marker
+and then publishes the checkpoint (marker + rename, saver.py) — on its thread, so a save completes
+even when the step after it hangs or fails (and a rank that exits waits for its writer first:
+reliability/exits.py's EXIT_HOOKS). Until then it is a staging folder that no resume trusts, so a
+kill -9 during the write leaves the previous checkpoint the newest; a rank whose write failed
+leaves no marker, and nothing is published. One save is in
 flight at a time (the next save, a preemption save and the end of the job wait for it), so the
 host memory it holds is one copy of this rank's checkpoint.
 """
@@ -21,19 +25,27 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
+from argonne_ds.reliability.exits import EXIT_HOOKS
 from argonne_ds.reliability.faults import slow_write
 
 IMMUTABLE = (str, bytes, int, float, bool, type(None), torch.dtype, torch.Size, torch.device)
 
 
+def written_marker(rank: int) -> str:
+    return f".written-rank{rank}"
+
+
 class BackgroundWriter(CheckpointEngine):
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
         super().__init__(None)
+        self.rank, self.world = rank, world
         self.name = "argonne-background-writer"
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Condition()
@@ -43,6 +55,7 @@ class BackgroundWriter(CheckpointEngine):
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
+        EXIT_HOOKS.append(self.drain)
 
     # ---- DeepSpeed's side -------------------------------------------------------------------
     def create(self, info: Any) -> None:
@@ -76,6 +89,19 @@ class BackgroundWriter(CheckpointEngine):
             while self._pending:
                 self._idle.wait()
 
+    def drain(self, timeout_s: float) -> None:
+        """Before the process exits: give the files in flight (and rank 0's publish) up to
+        `timeout_s` to finish."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def seal(self, staged: Path, publish: Callable[[], None] | None = None) -> None:
+        """After the save's files: this rank's marker; with `publish` (rank 0), wait for every
+        rank's marker and call it. Both on the thread, after the files queued before."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put((None, (Path(staged), publish)))
+
     # ---- inside ------------------------------------------------------------------------------
     def _copy(self, obj: Any, name: str, key: str) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -97,11 +123,26 @@ class BackgroundWriter(CheckpointEngine):
             return obj
         return copy.deepcopy(obj)  # e.g. a loss scaler the next steps update
 
+    def _seal(self, staged: Path, publish: Callable[[], None] | None) -> None:
+        if self.error is not None:
+            return  # no marker: this save is never published
+        with open(staged / written_marker(self.rank), "w") as f:
+            os.fsync(f.fileno())
+        if publish is None:
+            return
+        markers = [staged / written_marker(r) for r in range(self.world)]
+        while not all(m.exists() for m in markers):
+            time.sleep(0.02)  # a rank whose write failed exits, and the job with it
+        publish()
+
     def _run(self) -> None:
         while True:
             snapshot, path = self._queue.get()
             t0 = time.perf_counter()
             try:
+                if snapshot is None and isinstance(path, tuple):
+                    self._seal(*path)
+                    continue
                 slow_write(path)
                 if self.error is None:
                     with open(path, "wb") as f:

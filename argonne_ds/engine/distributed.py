@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from argonne_ds.reliability.exits import run_exit_hooks
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
@@ -88,6 +90,7 @@ def shutdown(code: int, clean: bool = True) -> NoReturn:
     keeps a fast rank from tearing gloo down while a peer is still in a collective; after an
     error (`clean=False`) the peers may never arrive, so it is skipped.
     """
+    run_exit_hooks()  # a checkpoint being written in the background is finished first
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

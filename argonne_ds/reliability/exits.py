@@ -4,7 +4,9 @@ exit 0)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Callable
 from enum import IntEnum
 
 
@@ -18,6 +20,18 @@ class Exit(IntEnum):
     BAD_STEPS = 4  # too many skipped steps in a row (the bad-step guard)
     DISK_FULL = 5  # the output folder is full, over quota or read-only: free space first
     RELAUNCH = 75  # a hang or an out-of-memory inside a step: relaunching resumes (EX_TEMPFAIL)
+
+
+# Called (with a time limit in seconds) just before a rank exits, error or not: the background
+# checkpoint writer finishes the files in flight so that a save completes even when the next step
+# fails (checkpoint/writer.py registers itself).
+EXIT_HOOKS: list[Callable[[float], None]] = []
+
+
+def run_exit_hooks(timeout_s: float = 120.0) -> None:
+    for hook in EXIT_HOOKS:
+        with contextlib.suppress(Exception):  # leaving anyway
+            hook(timeout_s)
 
 
 class OutOfMemory(RuntimeError):

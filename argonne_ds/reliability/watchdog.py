@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 
-from argonne_ds.reliability.exits import Exit
+from argonne_ds.reliability.exits import Exit, run_exit_hooks
 
 
 class Watchdog:
@@ -90,4 +90,5 @@ class Watchdog:
             stacks = "".join(f"[rank {self.rank}] {line}" for line in f)
         sys.stdout.flush()
         os.write(sys.stderr.fileno(), f"{head}\n{stacks}".encode())
+        run_exit_hooks(60.0)  # a checkpoint being written in the background completes first
         os._exit(Exit.RELAUNCH)
