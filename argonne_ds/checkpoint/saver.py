@@ -189,6 +189,8 @@ class Saving:
         """Rank 0, once every rank's files are on disk (on the writer's thread when async)."""
         if self._writer is not None and self.run.checkpoint.async_save:
             slow_save(job.step)
+            for marker in job.staged.glob(".written-rank*"):  # their work is done
+                marker.unlink()
         ckpt.publish(self.directory, job.tag, {
             "step": job.step, "model": self.engine.model_config.to_dict(),
             **self.engine.layout(), "run": self.run.to_dict(),
