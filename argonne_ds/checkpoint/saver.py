@@ -45,6 +45,7 @@ class InFlight:
     started: float  # perf_counter at the start of the save
     blocked_s: float  # how long the loop waited (the copy off the device)
     published: tuple[float, int, list[str]] | None = None  # rank 0: (seconds, bytes, rotated)
+    waited: bool = False  # written while the loop waited (synchronous, or a final save)
 
 
 class Saving:
@@ -140,7 +141,8 @@ class Saving:
             disk_full(state.step, staged)
         except Exception as e:  # noqa: BLE001 - re-raised unless the disk is full
             self._save_failed(e, state.step, staged)
-        job = self._in_flight = InFlight(tag, state.step, staged, t0, time.perf_counter() - t0)
+        job = self._in_flight = InFlight(tag, state.step, staged, t0, time.perf_counter() - t0,
+                                         waited=final or not background)
         if not background:
             slow_save(state.step)
             self.engine.barrier()  # every rank's files are on disk before it is published
@@ -203,13 +205,13 @@ class Saving:
     def _report(self, job: InFlight) -> None:
         took, size, dropped = job.published
         self.save_bytes = size
-        how = (f"in {took:.1f} s" if took <= job.blocked_s + 0.05 else
+        how = (f"in {took:.1f} s" if job.waited or took <= job.blocked_s + 0.05 else
                f"in {took:.1f} s (the loop waited {job.blocked_s:.2f} s of it)")
         print(f"[checkpoint] saved {self.directory}/{job.tag} {how} ({size / 1e9:.2f} GB)"
               + (f", rotated out {', '.join(dropped)}" if dropped else ""), flush=True)
         if self.sink is not None:
             self.sink.log({"step": job.step, "event": "checkpoint", "save_s": took,
-                           "blocked_s": job.blocked_s, "bytes": size})
+                           "blocked_s": took if job.waited else job.blocked_s, "bytes": size})
         if took > SIGTERM_GRACE_S and not self._warned_slow:
             self._warned_slow = True
             logger.warning(
