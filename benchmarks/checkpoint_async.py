@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from checkpoint_io import ds_config  # noqa: E402
 
 BLOCK = 128
 SIZES = {  # name -> (preset, overrides)
@@ -46,17 +48,6 @@ SIZES = {  # name -> (preset, overrides)
     "150M": ("argonne2-1b", {"num_hidden_layers": 2, "vocab_size": 16000}),
     "330M": ("argonne2-1b", {"num_hidden_layers": 4, "vocab_size": 32000}),
 }
-
-
-def ds_config(stages: int, precision: str) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-        "pipeline": {"stages": stages, "partition_method": "parameters"},
-        "zero_optimization": {"stage": 1}}
-    if precision == "bf16":
-        cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
-    return cfg
 
 
 def measure(rank: int, world: int, preset: str, overrides: dict[str, int], precision: str,
@@ -68,7 +59,9 @@ def measure(rank: int, world: int, preset: str, overrides: dict[str, int], preci
     from argonne_ds.engine.engine import Engine
 
     config = load_model_config(preset, **overrides)
-    engine = Engine(config, ds_config(world, precision))
+    ds = ds_config(world, precision)  # checkpoint_io.py's layout, two micro-batches a step
+    ds["train_batch_size"] = 2
+    engine = Engine(config, ds)
     gen = torch.Generator().manual_seed(0)
 
     def batches():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from pathlib import Path
@@ -131,18 +132,11 @@ def _blocks(cfg: DataConfig, shards: list, tok: LoadedTokenizer, text_column: st
         blocks: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, seed,
                                                              cfg.shuffle_window)
         return blocks, index.shard_list  # = shard_list_fingerprint(shards), checked on load
-    column_cfg = cfg if text_column == cfg.text_column else \
-        DataConfig(**{**_fields(cfg), "text_column": text_column})
+    column_cfg = dataclasses.replace(cfg, text_column=text_column)
     blocks = StreamedBlocks(usable_shards(column_cfg, shards), text_column,
                             make_encoder(tok, cfg.encoder), cfg.block_size, seed,
                             cfg.shuffle_window, skip_bad=cfg.on_bad_shard == "skip")
     return blocks, shard_list_fingerprint(shards)
-
-
-def _fields(cfg: DataConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def source_seed(seed: int, name: str) -> int:
