@@ -22,6 +22,35 @@ ALIASES: dict[str, str] = {
 }
 
 
+# RoPE variants (transformers 5.x `rope_parameters`), each with the keys it takes besides
+# rope_type/rope_theta, and those it needs. The frequencies are transformers' own (layers.py).
+ROPE_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+}
+ROPE_NEEDS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def rope_parameters_of(rope_parameters: dict[str, Any] | None, rope_theta: float,
+                       max_position_embeddings: int) -> dict[str, Any]:
+    """The normalised `rope_parameters`: rope_type and rope_theta always present (a θ given
+    inside wins over `rope_theta`), yarn/llama3's original context defaulting to this one."""
+    rope = dict(rope_parameters or {})
+    rope["rope_type"] = str(rope.pop("type", None) or rope.get("rope_type") or "default")
+    rope["rope_theta"] = float(rope.get("rope_theta", rope_theta))
+    if rope["rope_type"] in ("yarn", "llama3"):
+        rope.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return rope
+
+
 def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
     """SwiGLU width: 8/3 * hidden, rounded up to a multiple of `multiple_of` (4096 -> 11,008)."""
     return multiple_of * math.ceil(8 * hidden_size / (3 * multiple_of))
@@ -43,6 +72,7 @@ class ArgonneConfig(PretrainedConfig):
         intermediate_size: int | None = None,
         max_position_embeddings: int = 4096,
         rope_theta: float = 500_000.0,
+        rope_parameters: dict[str, Any] | None = None,
         rms_norm_eps: float = 1e-5,
         attention_dropout: float = 0.0,
         hidden_dropout: float = 0.0,
@@ -76,7 +106,11 @@ class ArgonneConfig(PretrainedConfig):
             else int(intermediate_size)
         )
         self.max_position_embeddings = explicit["max_position_embeddings"]
-        self.rope_theta = float(rope_theta)
+        # transformers' old name for the scaling dict (configs written before 5.x).
+        self.rope_parameters = rope_parameters_of(
+            rope_parameters or kwargs.pop("rope_scaling", None), rope_theta,
+            self.max_position_embeddings)
+        self.rope_theta = self.rope_parameters["rope_theta"]
         self.rms_norm_eps = float(rms_norm_eps)
         self.attention_dropout = float(attention_dropout)
         self.hidden_dropout = float(hidden_dropout)
@@ -89,8 +123,9 @@ class ArgonneConfig(PretrainedConfig):
         self.document_positions = bool(document_positions)
         self.document_separator_id = (
             None if document_separator_id is None else int(document_separator_id))
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Ours first: clearer messages than transformers' own RoPE validation in super().
         self._validate()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def _validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -115,6 +150,7 @@ class ArgonneConfig(PretrainedConfig):
         need(self.head_dim > 0 and self.head_dim % 2 == 0,
              f"head_dim must be a positive even number for RoPE, got {self.head_dim}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        self._validate_rope(need)
         for name in ("attention_dropout", "hidden_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
         if self.uses_document_ids:
@@ -126,6 +162,34 @@ class ArgonneConfig(PretrainedConfig):
                  "prepare` prints the tokenizer's)")
             need(0 <= sep < self.vocab_size,
                  f"document_separator_id {sep} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_rope(self, need: Any) -> None:
+        rope = self.rope_parameters
+        kind = rope["rope_type"]
+        need(kind in ROPE_KEYS, f"rope_parameters.rope_type {kind!r} is not one of "
+             f"{', '.join(ROPE_KEYS)}")
+        extra = set(rope) - {"rope_type", "rope_theta", *ROPE_KEYS[kind]}
+        need(not extra, f"rope_parameters: {', '.join(sorted(extra))} not taken by rope_type "
+             f"{kind!r} (it takes {', '.join(ROPE_KEYS[kind]) or 'only rope_theta'})")
+        missing = [k for k in ROPE_NEEDS.get(kind, ()) if rope.get(k) is None]
+        need(not missing, f"rope_parameters: rope_type {kind!r} needs {', '.join(missing)}")
+        if rope.get("factor") is not None:
+            need(float(rope["factor"]) >= 1.0,
+                 f"rope_parameters.factor must be >= 1 (a context stretched, not shrunk), got "
+                 f"{rope['factor']}")
+        original = rope.get("original_max_position_embeddings")
+        if original is not None:
+            need(0 < int(original) <= self.max_position_embeddings,
+                 f"rope_parameters.original_max_position_embeddings ({original}) must be in "
+                 f"(0, max_position_embeddings = {self.max_position_embeddings}]: it is the "
+                 "context the model was trained at before the extension")
+        if kind == "llama3":
+            need(rope["high_freq_factor"] > rope["low_freq_factor"],
+                 "rope_parameters: llama3 needs high_freq_factor > low_freq_factor")
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope_parameters["rope_type"])
 
     @property
     def uses_document_ids(self) -> bool:

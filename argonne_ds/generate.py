@@ -56,6 +56,8 @@ def generate_ids(model: ArgonneModel, prompts: list[list[int]], sampling: Sampli
     out: list[list[int]] = [[] for _ in prompts]
     step_ids = ids
     limit = model.config.max_position_embeddings
+    if model.config.rope_type == "dynamic":  # NTK-aware scaling reads past the context
+        limit = width + sampling.max_new_tokens
     for _ in range(min(sampling.max_new_tokens, limit - width)):
         logits = model(step_ids, cache=cache, attention_mask=mask).logits[:, -1].float()
         if sampling.greedy or sampling.temperature <= 0:

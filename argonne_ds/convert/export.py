@@ -140,6 +140,7 @@ def hf_model_config(folder: str | Path) -> ArgonneConfig:
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
         intermediate_size=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
         rope_theta=rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0)),
+        rope_parameters={k: v for k, v in rope.items() if v is not None} or None,
         rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=hf.tie_word_embeddings)
 
 

@@ -92,7 +92,7 @@ def hf_config(config: ArgonneConfig, eos_token_id: int | None = None,
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
         attention_dropout=config.attention_dropout,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_parameters=dict(config.rope_parameters),
     )
     if config.hidden_size == config.num_attention_heads * config.head_dim:
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)

@@ -81,6 +81,10 @@ def format_model_info(name: str, info: dict) -> str:
             "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
             "rope_theta", "tie_word_embeddings")
     lines += [f"  {k:<26}{c.get(k)}" for k in keys]
+    rope = c.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        lines.append(f"  {'rope_parameters':<26}" + ", ".join(
+            f"{k}={v}" for k, v in sorted(rope.items()) if k != "rope_theta"))
     lines += [
         "parameters",
         f"  {'embedding (in + out)':<26}{p['embedding']:>16,}",

@@ -31,33 +31,58 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE tables. Holds no tensors: cos/sin are computed in fp32 on demand, so a
-    bf16 cast of the model cannot degrade the frequencies and no buffer needs sharding."""
+    bf16 cast of the model cannot degrade the frequencies and no buffer needs sharding.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    The scaled variants (config.rope_parameters: linear, dynamic, yarn, llama3) take their
+    frequencies and attention factor from transformers' own `ROPE_INIT_FUNCTIONS`, so an export
+    reproduces them in stock Llama/Mistral exactly; `dynamic` recomputes them from the longest
+    position in the call, as transformers does in its forward."""
+
+    def __init__(self, config: ArgonneConfig) -> None:
         super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.kind = config.rope_type
+        self.config = config  # read by transformers' frequency functions
+
+    def frequencies(self, device: torch.device, seq_len: int | None = None
+                    ) -> tuple[torch.Tensor, float]:
+        """(D/2,) fp32 inverse frequencies and the factor cos/sin are scaled by."""
+        if self.kind == "default":
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+            return 1.0 / (self.theta ** (exponent / self.head_dim)), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[self.kind](self.config, device, seq_len=seq_len)
+        return inv_freq.to(device=device, dtype=torch.float32), float(scale)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (*positions.shape, D) for integer positions of any shape."""
+        seq_len = None
+        if self.kind == "dynamic" and positions.numel():
+            seq_len = int(positions.max()) + 1  # one host sync, dynamic only
+        inv_freq, scale = self.frequencies(positions.device, seq_len)
+        freqs = positions.float()[..., None] * inv_freq  # (..., D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self, seq_len: int, device: torch.device, dtype: torch.dtype, offset: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
-        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))  # (D/2,)
+        """(T, D) tables for positions offset .. offset + seq_len - 1."""
         pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return self.at(pos, dtype)
 
 
 def rotary_at(rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for explicit positions (B, T) -> (B, 1, T, D): left-padded batches, KV cache."""
-    exponent = torch.arange(0, rotary.head_dim, 2, dtype=torch.int64,
-                            device=positions.device).float()
-    inv_freq = 1.0 / (rotary.theta ** (exponent / rotary.head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = rotary.at(positions, dtype)
+    return cos[:, None], sin[:, None]
 
 
 # ---- documents: a packed block holds several, each ended by the separator (data/stream.py) -----

@@ -259,7 +259,7 @@ class ArgonneModel(ArgonnePreTrainedModel):
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
         self.blocks = nn.ModuleList(ArgonneBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
@@ -289,10 +289,11 @@ class ArgonneModel(ArgonnePreTrainedModel):
         if cache is not None or attention_mask is not None:
             return self._forward_cached(input_ids, cache, attention_mask)
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings:
+        if T > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
             raise ValueError(
                 f"sequence length {T} exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings})"
+                f"({self.config.max_position_embeddings}); extend the context with a phase "
+                "(docs/long_context.md) or use rope_type dynamic to read past it"
             )
         x = self.embed_tokens(input_ids)  # (B, T, C)
         docs, positions = None, None

@@ -95,7 +95,7 @@ class BlockPipe(ArgonneBlock):
 
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config)
         self.num_hidden_layers = config.num_hidden_layers
         self.config = config if config.uses_document_ids else None
         _init(self, config)
