@@ -292,8 +292,8 @@ class ArgonneModel(ArgonnePreTrainedModel):
         if T > self.config.max_position_embeddings and self.config.rope_type != "dynamic":
             raise ValueError(
                 f"sequence length {T} exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings}); extend the context with a phase "
-                "(docs/long_context.md) or use rope_type dynamic to read past it"
+                f"({self.config.max_position_embeddings}); raise it with a RoPE scaling "
+                "(docs/model.md, RoPE scaling) or use rope_type dynamic to read past it"
             )
         x = self.embed_tokens(input_ids)  # (B, T, C)
         docs, positions = None, None
