@@ -305,8 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, clean = Exit.BAD_INPUT, False
     except JobError as e:  # the job cannot go on (out of memory, bad steps): its exit code says
         if not e.everywhere or os.environ.get("RANK", "0") == "0":
-            print(f"argonne-ds {args.command}: error: {e}", file=sys.stderr, flush=True)
-        code, clean = e.code, False
+            what = "" if e.code == Exit.NEXT_PHASE else "error: "  # a planned stop
+            print(f"argonne-ds {args.command}: {what}{e}", file=sys.stderr, flush=True)
+        code, clean = e.code, e.code == Exit.NEXT_PHASE
     except BaseException as e:
         if not _distributed():
             raise

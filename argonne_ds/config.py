@@ -277,3 +277,24 @@ def load_model_config(name_or_path: str | Path, **overrides: Any) -> ArgonneConf
     for hf_only in ("model_type", "architectures", "transformers_version"):
         data.pop(hf_only, None)
     return ArgonneConfig(**{**data, **overrides})
+
+
+def with_context(config: ArgonneConfig, block_size: int,
+                 rope_parameters: dict[str, Any] | None, trained: int | None = None
+                 ) -> ArgonneConfig:
+    """The model of a context-extension phase: its context grown to `block_size` and its RoPE
+    set to the phase's (yarn/llama3's original context defaulting to `trained`, the context
+    the run trained at before, else the model's). No weight depends on either, so the same
+    checkpoint loads into it."""
+    data = config.to_dict()
+    for hf_only in ("model_type", "architectures", "transformers_version", "rope_scaling"):
+        data.pop(hf_only, None)
+    data["max_position_embeddings"] = max(config.max_position_embeddings, block_size)
+    if rope_parameters is not None:
+        rope = dict(rope_parameters)
+        if rope.get("rope_type") in ("yarn", "llama3"):
+            rope.setdefault("original_max_position_embeddings",
+                            min(trained or config.max_position_embeddings,
+                                config.max_position_embeddings))
+        data["rope_parameters"] = rope
+    return ArgonneConfig(**data)

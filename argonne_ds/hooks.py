@@ -19,6 +19,7 @@ from argonne_ds.data.mixture import Mixture
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.engine import Batch, Engine, StepResult
+from argonne_ds.extension import Launch
 from argonne_ds.metrics import MetricsSink, flops_per_token, format_duration, peak_tflops, say
 from argonne_ds.phases import parse_sources
 from argonne_ds.run_config import RunConfig
@@ -39,14 +40,36 @@ class Job:
     state: TrainState
     max_steps: int
     bar: Any = None
+    launch: Launch | None = None  # this launch's context (extension.py)
 
     @property
     def rank0(self) -> bool:
         return self.engine.global_rank == 0
 
     @property
+    def block_size(self) -> int:
+        """Tokens per sample in this launch (a context phase's, else data.block_size)."""
+        return self.launch.block_size if self.launch else self.run.data.block_size
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.engine.global_batch_size * self.run.data.block_size
+        return self.engine.global_batch_size * self.block_size
+
+    def source_tokens(self, g: int) -> list[int]:
+        """Tokens drawn from each source by global sample g (each phase at its block size)."""
+        mix = self.mixture
+        assert mix is not None
+        contexts = self.launch.contexts if self.launch else None
+        if not contexts:
+            return [int(c) * self.block_size for c in mix.blend.counts(g).tolist()]
+        total = [0] * len(mix.names)
+        for i, c in enumerate(contexts):
+            end = contexts[i + 1].start_sample if i + 1 < len(contexts) else g
+            if c.start_sample >= g:
+                break
+            drawn = mix.blend.counts(min(end, g)) - mix.blend.counts(c.start_sample)
+            total = [t + int(d) * c.block_size for t, d in zip(total, drawn.tolist())]
+        return total
 
     def say(self, line: str) -> None:
         say(self.rank0, line, self.bar)
@@ -69,9 +92,9 @@ class Job:
         counts, base = blend.counts(g), blend.counts(blend.spans[p].start)
         drawn = max(g - blend.spans[p].start, 1)
         out: dict[str, Any] = {"phase": mix.records[p]["name"], "phase_index": p}
-        for name, c, b, ep in zip(mix.names, counts.tolist(), base.tolist(),
-                                  mix.epochs(g).values()):
-            out[f"tokens/{name}"] = c * self.run.data.block_size
+        for name, c, b, ep, t in zip(mix.names, counts.tolist(), base.tolist(),
+                                     mix.epochs(g).values(), self.source_tokens(g)):
+            out[f"tokens/{name}"] = t
             out[f"share/{name}"] = (c - b) / drawn
             if ep is not None:
                 out[f"epochs/{name}"] = ep
@@ -84,22 +107,29 @@ def say_plan(job: Job) -> None:
     mix = job.mixture
     if mix is None:
         return
-    G, T = job.engine.global_batch_size, job.run.data.block_size
-    blend, total = mix.blend, job.max_steps * G
+    G = job.engine.global_batch_size
+    blend = mix.blend
+    total = job.launch.samples_at(job.max_steps, G) if job.launch else job.max_steps * G
     ends = [s.start for s in blend.spans[1:]] + [total]
+    contexts = job.launch.contexts if job.launch else None
     job.say(f"[plan] {len(blend.spans)} phase(s) over {job.max_steps:,} steps "
-            f"({_tokens(total * T)} tokens), sources {', '.join(mix.names)}")
+            f"({_tokens(sum(job.source_tokens(total)))} tokens), sources "
+            f"{', '.join(mix.names)}")
     for p, (span, end) in enumerate(zip(blend.spans, ends)):
         if span.start >= total:
             job.say(f"[plan] phase {span.name!r} starts after the budget: not reached")
             continue
         end = min(end, total)
+        T = contexts[p].block_size if contexts else job.block_size
         drawn = blend.counts(end) - blend.counts(span.start)
         shares = " | ".join(
             f"{n} {mix.records[p].get('weights', {}).get(n, 0):g} -> {_tokens(int(c) * T)} tok"
             for n, c in zip(mix.names, drawn) if c)
         decay = mix.records[p].get("decay")
-        job.say(f"[plan] phase {span.name!r}: steps {span.start // G + 1}-{end // G}"
+        first = int(mix.records[p].get("start") or 0) + 1
+        last = mix.records[p + 1]["start"] if end < total else job.max_steps
+        size = f", {T:,}-token blocks" if contexts else ""
+        job.say(f"[plan] phase {span.name!r}: steps {first}-{last}{size}"
                 f"{', LR decays ' + decay if decay else ''}: {shares}")
     passes = mix.epochs(total)
     job.say("[plan] passes over each source by the end: " + ", ".join(
@@ -142,7 +172,7 @@ class ProgressLog:
 
     def __init__(self, job: Job) -> None:
         self.job, self.steps, self.t0 = job, 0, time.perf_counter()
-        self.flops_tok = flops_per_token(job.engine.model_config, job.run.data.block_size)
+        self.flops_tok = flops_per_token(job.engine.model_config, job.block_size)
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak = peak_tflops(name, job.run.log.peak_tflops)
 
@@ -248,7 +278,8 @@ def _eval_batches(job: Job, globs: list[str], text_column: str) -> list[Batch]:
     log, engine = job.run.log, job.engine
     # The training tokenizer (the fallback included), every block in order.
     data = dataclasses.replace(job.run.data, data_glob=globs, sources=[], text_column=text_column,
-                               shuffle_window=0, tokenizer_path=job.tok.path)
+                               shuffle_window=0, tokenizer_path=job.tok.path,
+                               block_size=job.block_size)
     micro = engine.micro_batch_size
     it, _ = build_data_iterator(data, global_batch_size=micro * engine.dp_world,
                                 micro_batch_size=micro, dp_rank=engine.dp_rank,

@@ -13,7 +13,15 @@ A phase starts at an optimizer step and lasts until the next one starts (the las
 the budget). Its `weights` (default: the sources' own) decide the mix of its samples
 (data/mixture.py); `decay` (linear | cosine | 1-sqrt) makes the learning rate fall to its floor
 over the phase (schedule.py: warmup-stable-decay). A single `data_glob` is the one-source run of
-before, unchanged. No torch here, and no file is read: `validate_plan` names the bad source or
+before, unchanged.
+
+A context extension is a phase too: `block_size` (and usually `rope_parameters`, as in the model
+config) change the context from its start on, for it and the phases after it; the global batch
+keeps its tokens per step (fewer, longer samples) unless the phase gives `global_batch_size`.
+The data position carries over by tokens (data/layout.py); the job saves at the phase's start and
+relaunches itself with the new context (trainer.py, Exit.NEXT_PHASE).
+
+No torch here, and no file is read: `validate_plan` names the bad source or
 phase before anything is loaded or written.
 """
 
@@ -28,7 +36,9 @@ from argonne_ds.run_config import ConfigError, RunConfig
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 SOURCE_KEYS = ("name", "data_glob", "weight", "text_column", "eval_data_glob")
-PHASE_KEYS = ("name", "start", "weights", "decay")
+PHASE_KEYS = ("name", "start", "weights", "decay", "block_size", "rope_parameters",
+              "global_batch_size")
+CONTEXT_KEYS = ("block_size", "rope_parameters", "global_batch_size")
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,32 @@ class Phase:
     start: int  # the first optimizer step of the phase (0-based: step start+1 is its first)
     weights: dict[str, float] = field(default_factory=dict)  # every source, 0 where unnamed
     decay: str | None = None
+    block_size: int | None = None  # a context extension: tokens per sample from here on
+    rope_parameters: dict[str, Any] | None = None  # the model's RoPE from here on
+    global_batch_size: int | None = None  # samples per step from here on
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint keeps of a started phase, to refuse a change to it on resume."""
-        return {"name": self.name, "start": self.start, "weights": dict(self.weights),
-                "decay": self.decay}
+        out = {"name": self.name, "start": self.start, "weights": dict(self.weights),
+               "decay": self.decay}
+        out.update({k: getattr(self, k) for k in CONTEXT_KEYS if getattr(self, k) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a phase trains with: tokens per sample, samples per step, RoPE (None: the model
+    config's own), and the phase's first global sample."""
+
+    block_size: int
+    global_batch: int
+    rope_parameters: dict[str, Any] | None
+    start_sample: int
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        """Equal for two phases that one engine and one data layout can both run."""
+        return self.block_size, self.global_batch, repr(self.rope_parameters)
 
 
 @dataclass(frozen=True)
@@ -65,6 +96,31 @@ class Plan:
     def phase_at(self, step: int) -> int:
         """The index of the phase optimizer step `step` (1-based) belongs to."""
         return max(i for i, p in enumerate(self.phases) if p.start < step or i == 0)
+
+    @property
+    def changes_context(self) -> bool:
+        return any(getattr(p, k) is not None for p in self.phases for k in CONTEXT_KEYS)
+
+    def contexts(self, block_size: int, global_batch: int) -> list[Context]:
+        """Each phase's context, from the run's own (data.block_size, the JSON's global batch)."""
+        out: list[Context] = []
+        T, G, rope, sample = block_size, global_batch, None, 0
+        for i, p in enumerate(self.phases):
+            if i:
+                sample += (p.start - self.phases[i - 1].start) * G
+            if p.block_size is not None and p.global_batch_size is None:
+                tokens = T * G  # kept: fewer, longer samples
+                if tokens % p.block_size:
+                    raise ConfigError(
+                        f"phase {p.name!r}: block_size {p.block_size} does not divide the "
+                        f"{tokens:,} tokens of a step ({G} x {T}); give the phase a "
+                        "global_batch_size")
+                G = tokens // p.block_size
+            T = p.block_size or T
+            G = p.global_batch_size or G
+            rope = p.rope_parameters if p.rope_parameters is not None else rope
+            out.append(Context(T, G, rope, sample))
+        return out
 
 
 def _globs(value: Any, where: str) -> tuple[str, ...]:
@@ -151,8 +207,22 @@ def parse_phases(raw: list[Any], sources: tuple[Source, ...]) -> tuple[Phase, ..
         if decay is not None and decay not in DECAY_SHAPES:
             raise ConfigError(f"{where}: decay must be one of {'|'.join(DECAY_SHAPES)}, got "
                               f"{decay!r}")
-        out.append(Phase(item["name"], start, weights, decay))
+        out.append(Phase(item["name"], start, weights, decay, *_context(item, where)))
     return tuple(out)
+
+
+def _context(item: dict[str, Any], where: str) -> tuple[Any, Any, Any]:
+    sizes = []
+    for key in ("block_size", "global_batch_size"):
+        v = item.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {v!r}")
+        sizes.append(v)
+    rope = item.get("rope_parameters")
+    if rope is not None and not (isinstance(rope, dict) and rope.get("rope_type")):
+        raise ConfigError(f"{where}: rope_parameters must be a mapping with a rope_type, as in "
+                          f"the model config (docs/model.md), got {rope!r}")
+    return sizes[0], rope, sizes[1]
 
 
 def plan_of(run: RunConfig) -> Plan | None:

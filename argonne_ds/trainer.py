@@ -22,13 +22,14 @@ import torch
 from tqdm import tqdm
 
 from argonne_ds.checkpoint.checkpointer import Checkpointer, TrainState
-from argonne_ds.checkpoint.store import CHECKPOINTS, resume_candidates
+from argonne_ds.checkpoint.store import resume_step_of
 from argonne_ds.config import ArgonneConfig, load_model_config
 from argonne_ds.data.loader import build_data_iterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.distributed import check_shared_dirs, from_rank0, init_distributed
-from argonne_ds.engine.ds_config import pipeline_stages, resolve_ds_config
+from argonne_ds.engine.ds_config import pipeline_stages
 from argonne_ds.engine.engine import Batch, Engine
+from argonne_ds.extension import plan_launch
 from argonne_ds.hooks import (
     CompileReport,
     HeldOutEval,
@@ -62,7 +63,7 @@ def train(run: RunConfig) -> int:
     engine, data, state, rank = job.engine, job.data, job.state, job.engine.global_rank
     job.say(f"[train] {engine.mode} on {engine.world_size} ranks (data-parallel "
             f"{engine.dp_world}), global batch {engine.global_batch_size} x "
-            f"{run.data.block_size} tokens, steps {state.step} -> {job.max_steps}, output "
+            f"{job.block_size} tokens, steps {state.step} -> {job.max_steps}, output "
             f"{run.checkpoint.output_dir}")
     job.bar = tqdm(total=job.max_steps, initial=state.step, disable=None if job.rank0 else True,
                    unit="step", dynamic_ncols=True)
@@ -102,11 +103,13 @@ def train(run: RunConfig) -> int:
                 _out_of_memory(job, step, e)
             raise
         job.checkpointer.poll()  # a save written in the background is published when complete
-        final = step == job.max_steps or stopping
+        final = step in (job.max_steps, job.launch.end_step) or stopping
         if step % run.checkpoint.save_interval == 0 or final:
             state.guard = guard.state_dict()
             job.checkpointer.save(state, final=final)
         watchdog.disarm()
+        if step == job.launch.end_step and not stopping and step < job.max_steps:
+            _next_context(job)
         if stopping:
             job.say(f"[train] stop signal received: checkpoint at step {state.step} saved, "
                     "exiting 0; relaunch to resume")
@@ -131,8 +134,12 @@ def setup(run: RunConfig) -> Job:
         run.data.block_size = model_config.max_position_embeddings
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backoff = read_backoff(run.checkpoint.output_dir)
-    ds_config, max_steps, notes = resolve_ds_config(
-        run, world, micro_cap=backoff and int(backoff["micro_batch_size"]))
+    # Every rank alike (ZeRO-3's init gathers); the step picks the phase's context.
+    resume_step = from_rank0(resume_step_of(run.checkpoint.output_dir,
+                                            run.checkpoint.checkpoint_path))
+    launch, model_config, ds_config, max_steps, notes = plan_launch(
+        run, plan, model_config, world, backoff and int(backoff["micro_batch_size"]),
+        resume_step)
     lr_shape = wsd_shape(run, plan, max_steps)
     if lr_shape is not None:
         ds_config.pop("scheduler", None)
@@ -148,7 +155,7 @@ def setup(run: RunConfig) -> Job:
                      f"{DEFAULT_CACHE_DIR}, built once, instead of each tokenizing the stream")
     check_shared_dirs({"--output-dir": run.checkpoint.output_dir,
                        "--cache-dir": run.data.cache_dir})
-    resuming = from_rank0(_will_resume(run))  # every rank alike: ZeRO-3's init gathers
+    resuming = resume_step is not None
     engine = Engine(model_config, ds_config, run.train.weight_decay, run.train.seed,
                     None if resuming else _hf_weights(run), init_weights=not resuming,
                     lr_shape=lr_shape)
@@ -159,12 +166,13 @@ def setup(run: RunConfig) -> Job:
         run.data, global_batch_size=engine.global_batch_size,
         micro_batch_size=engine.micro_batch_size, dp_rank=engine.dp_rank,
         dp_world=engine.dp_world, model_vocab_size=model_config.vocab_size, show_progress=rank0,
-        plan=plan)
+        plan=plan, contexts=launch.contexts)
     check_document_separator(model_config, tok)
     resolved = {"run": run.to_dict(), "deepspeed": ds_config, "model": model_config.to_dict(),
                 "max_steps": max_steps, "mode": engine.mode, "world_size": world}
-    checkpointer = Checkpointer(run, engine, data, tok, resolved)
+    checkpointer = Checkpointer(run, engine, data, tok, resolved, launch)
     state = checkpointer.resume()
+    launch.check_resumed(state.step)
     if run.train.from_hf and state.step == 0:
         state = checkpointer.carry_import(state)
     checkpointer.check_space(at_start=True)
@@ -175,7 +183,7 @@ def setup(run: RunConfig) -> Job:
         (out / "resolved_config.json").write_text(json.dumps(resolved, indent=1, default=str))
     sink = MetricsSink(out, state.run_id, resolved, enabled=rank0)
     state.run_id, checkpointer.sink = sink.run_id, sink
-    return Job(run, engine, data, tok, checkpointer, sink, state, max_steps)
+    return Job(run, engine, data, tok, checkpointer, sink, state, max_steps, launch=launch)
 
 
 def _model_config(run: RunConfig) -> ArgonneConfig:
@@ -196,12 +204,6 @@ def check_document_separator(config: ArgonneConfig, tok: LoadedTokenizer) -> Non
             f"{tok.separator_id}; set document_separator_id to {tok.separator_id}")
 
 
-def _will_resume(run: RunConfig) -> bool:
-    """A checkpoint will be resumed and overwrite every weight: no initial weights needed."""
-    out = Path(run.checkpoint.output_dir) / CHECKPOINTS
-    return bool(run.checkpoint.checkpoint_path or resume_candidates(out))
-
-
 def _hf_weights(run: RunConfig) -> Mapping[str, torch.Tensor] | None:
     """With --from-hf, its weights, read lazily; else none (initialised from the seed)."""
     if not run.train.from_hf:
@@ -209,6 +211,20 @@ def _hf_weights(run: RunConfig) -> Mapping[str, torch.Tensor] | None:
     from argonne_ds.convert.export import import_hf
 
     return import_hf(run.train.from_hf)[1]
+
+
+def _next_context(job: Job) -> NoReturn:
+    """Saved at the last step of this launch's context: the next launch builds the next."""
+    job.bar.close()
+    job.sink.close()
+    nxt = job.launch.context_at(job.state.step + 1)
+    assert nxt is not None and job.launch.plan is not None
+    name = job.launch.plan.phases[job.launch.plan.phase_at(job.state.step + 1)].name
+    raise JobError(f"[phase] step {job.state.step} saved; phase {name!r} trains with "
+                   f"{nxt.block_size:,}-token blocks x {nxt.global_batch} from step "
+                   f"{job.state.step + 1}: the next launch builds it (launch/train.sh launches "
+                   "it at once; by hand, run the same command again)", Exit.NEXT_PHASE,
+                   everywhere=True)
 
 
 # ---- reliability ------------------------------------------------------------------------------

@@ -27,7 +27,8 @@
 #   MAX_RESTARTS=3  RESTART_DELAY=5   relaunches after a crash, a hang or an out-of-memory error
 #                              (exit 1, 75 or a signal), each resuming from the last checkpoint;
 #                              not after exit 2 (bad input), 3 (does not fit), 4 (bad steps)
-#                              or 5 (disk full, quota, read-only)
+#                              or 5 (disk full, quota, read-only); exit 76 (a phase changes the
+#                              context: docs/long_context.md) relaunches at once, uncounted
 #
 # How the processes start:
 #   HOSTFILE (default launch/hostfile, see hostfile.example) and NODE_RANK unset: the launcher
@@ -292,6 +293,11 @@ while :; do
     done
     case $status in 0 | 2 | 3 | 4 | 5) break ;; esac
     if [ "$stops" -gt 0 ]; then break; fi  # asked to stop: no relaunch
+    if [ "$status" = 76 ]; then  # saved at the start of a phase with another context
+        say "the next phase changes the context (block size, RoPE or global batch): launching" \
+            "it now from the checkpoint just saved (not a restart)"
+        continue
+    fi
     if [ "$restarts" -ge "${MAX_RESTARTS}" ]; then
         say "the job exited $status ($(explain "$status")); MAX_RESTARTS=$MAX_RESTARTS" \
             "relaunches used up"

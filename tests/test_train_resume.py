@@ -46,12 +46,17 @@ def test_sigkill_then_resume_is_exact(ws, tmp_path: Path, ds_config: str) -> Non
 
 
 def test_a_resume_is_told_to_skip_the_initial_weights(tmp_path: Path) -> None:
-    """The trainer asks for no initial weights exactly when a checkpoint is there to resume."""
-    from argonne_ds.run_config import CheckpointConfig, RunConfig
-    from argonne_ds.trainer import _will_resume
+    """The trainer asks for no initial weights exactly when a checkpoint is there to resume, and
+    knows its step before the engine is built (a context phase picks the model by it)."""
+    from argonne_ds.checkpoint.store import resume_step_of
 
-    run = RunConfig(checkpoint=CheckpointConfig(output_dir=str(tmp_path)))
-    assert not _will_resume(run)
-    (tmp_path / "checkpoints" / "global_step4").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "global_step4" / "argonne_complete.json").write_text("{}")
-    assert _will_resume(run)
+    out = str(tmp_path)
+    assert resume_step_of(out, None) is None
+    for step in (4, 10):
+        (tmp_path / "checkpoints" / f"global_step{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"global_step{step}" / "argonne_complete.json").write_text("{}")
+    assert resume_step_of(out, None) == 10
+    assert resume_step_of(out, str(tmp_path / "checkpoints" / "global_step4")) == 4
+    other = tmp_path / "other"
+    assert resume_step_of(str(other), str(tmp_path / "checkpoints")) == 10  # a branch's trunk
+    assert resume_step_of(str(other), str(tmp_path / "nothing")) == 0  # refused on resume

@@ -77,13 +77,13 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
+        cwd: Path | None = None, codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
     if cmd[0] == LOCAL:
         proc = run_local(cmd[2:], _log_dir(), int(cmd[1]), env(extra_env), timeout, cwd)
     else:
         proc = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True,
                               timeout=timeout, start_new_session=True, cwd=cwd)
-    if proc.returncode != 0:
+    if proc.returncode not in codes:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc

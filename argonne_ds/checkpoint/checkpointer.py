@@ -25,6 +25,7 @@ from argonne_ds.config import ArgonneConfig
 from argonne_ds.data.stream import ResumableShardIterator
 from argonne_ds.data.tokenizer import LoadedTokenizer
 from argonne_ds.engine.engine import Engine
+from argonne_ds.extension import Launch, model_context
 from argonne_ds.metrics import format_duration, say
 from argonne_ds.model.pipe import parameters_partition
 from argonne_ds.run_config import ConfigError, RunConfig, compare
@@ -61,8 +62,10 @@ def _state(client: dict[str, Any]) -> TrainState:
 
 class Checkpointer(Saving):
     def __init__(self, run: RunConfig, engine: Engine, data: ResumableShardIterator,
-                 tok: LoadedTokenizer, resolved: dict[str, Any]) -> None:
+                 tok: LoadedTokenizer, resolved: dict[str, Any], launch: Launch | None = None
+                 ) -> None:
         self.run, self.engine, self.data, self.tok = run, engine, data, tok
+        self.launch = launch or Launch(run.data.block_size)
         self.resolved = resolved
         self.directory = Path(run.checkpoint.output_dir) / ckpt.CHECKPOINTS
         self.rank0 = engine.global_rank == 0
@@ -167,6 +170,7 @@ class Checkpointer(Saving):
             diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
             raise ConfigError(f"checkpoint {path} holds a different model ({diff}, saved vs "
                               "now); pass the --model it was trained with, or a new --output-dir")
+        self._check_context(path, info.get("model", {}))
         changes = compare(info.get("run") or {}, self.run)
         refused = [c for c in changes if c.kind == "refuse"]
         if refused:
@@ -183,8 +187,28 @@ class Checkpointer(Saving):
                             path.name, c)
         return info
 
+    def _check_context(self, path: Path, saved: dict[str, Any]) -> None:
+        """The context (context length, RoPE) changes only where a phase changes it."""
+        step = ckpt.step_of(path.name) or 0
+        expected = self.launch.model_at(step) or model_context(self.engine.model_config)
+        diff = {k: (saved[k], v) for k, v in expected.items() if k in saved and saved[k] != v}
+        if diff:
+            raise ConfigError(
+                f"checkpoint {path} was trained with another context than this run gives step "
+                f"{step} ({diff}, saved vs now): a started phase cannot change, and the context "
+                "changes only with a new phase (block_size, rope_parameters: "
+                "docs/long_context.md), not in the model config; or start a new --output-dir")
+
     def _check_global_batch(self, client: dict[str, Any]) -> None:
         saved, now = client["data"].get("global_batch_size"), self.engine.global_batch_size
+        phase = self.launch.context_at(int(client["step"]))
+        if phase is not None and client["step"]:  # phases set the global batch
+            if saved not in (None, phase.global_batch):
+                raise ConfigError(f"the checkpoint was trained with a global batch of {saved} "
+                                  f"samples, its phase makes {phase.global_batch}: a started "
+                                  "phase cannot change; restore it, or pass the "
+                                  "--global-batch-size the run started with")
+            return
         if saved not in (None, now) and len(self.run.train.phases) > 1:
             raise ConfigError(f"the checkpoint was trained with a global batch of {saved} "
                               f"samples, this job makes {now}: a run in phases keeps its global "

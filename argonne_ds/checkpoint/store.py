@@ -156,3 +156,19 @@ def rotate(directory: Path, keep: int) -> list[str]:
     for tag in doomed:
         shutil.rmtree(Path(directory) / tag, ignore_errors=True)
     return doomed
+
+
+def resume_step_of(output_dir: str | Path, checkpoint_path: str | None) -> int | None:
+    """The step of the checkpoint a launch will resume, as far as the names tell (None: none):
+    the run's own newest first, as Checkpointer.resume chooses; it may fall back to an older
+    one when the newest will not load (extension.Launch.check_resumed)."""
+    out = Path(output_dir) / CHECKPOINTS
+    own = resume_candidates(out)
+    if checkpoint_path:
+        directory, tag = split_checkpoint_path(checkpoint_path)
+        if tag and Path(directory).resolve() == out.resolve():
+            return step_of(tag) or 0
+        if not own:
+            found = [tag] if tag else resume_candidates(Path(directory))
+            return (step_of(found[0]) or 0) if found else 0
+    return (step_of(own[0]) or 0) if own else None

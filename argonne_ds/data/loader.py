@@ -22,9 +22,10 @@ from argonne_ds.data.tokenizer import (
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, DataConfig
 
 if TYPE_CHECKING:  # stream.py imports torch (~1 s): not on `prepare`'s path
+    from argonne_ds.data.layout import PhasedBlocks
     from argonne_ds.data.mixture import Mixture
     from argonne_ds.data.stream import CachedBlocks, ResumableShardIterator, StreamedBlocks
-    from argonne_ds.phases import Plan, Source
+    from argonne_ds.phases import Context, Plan, Source
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOKENIZER_DIR = DEFAULT_CACHE_DIR  # the fallback tokenizer lives beside the cache
@@ -93,13 +94,15 @@ def source_shards(plan: Plan) -> dict[str, list]:
 def build_data_iterator(
     cfg: DataConfig, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
     dp_world: int = 1, model_vocab_size: int | None = None, show_progress: bool = True,
-    plan: Plan | None = None,
+    plan: Plan | None = None, contexts: list[Context] | None = None,
 ) -> tuple[ResumableShardIterator, LoadedTokenizer]:
-    """The iterator of one `data_glob`, or with `plan` its sources blended by its phases."""
+    """The iterator of one `data_glob`, or with `plan` its sources blended by its phases
+    (`contexts`: each phase's block size and global batch, when phases change them)."""
     from argonne_ds.data.stream import ResumableShardIterator
 
     if plan is not None:
-        mixture, tok, fingerprint = _build_mixture(cfg, plan, global_batch_size, model_vocab_size,
+        contexts = contexts or plan.contexts(cfg.block_size, global_batch_size)
+        mixture, tok, fingerprint = _build_mixture(cfg, plan, contexts, model_vocab_size,
                                                    show_progress)
         it = ResumableShardIterator(mixture, global_batch_size=global_batch_size,
                                     micro_batch_size=micro_batch_size, dp_rank=dp_rank,
@@ -121,16 +124,27 @@ def build_data_iterator(
 
 
 def _blocks(cfg: DataConfig, shards: list, tok: LoadedTokenizer, text_column: str, seed: int,
-            show_progress: bool) -> tuple[CachedBlocks | StreamedBlocks, str]:
-    """One set of shards as blocks (cache or stream), and its shard-list fingerprint."""
+            show_progress: bool, resized: list[tuple[int, int]] | None = None
+            ) -> tuple[CachedBlocks | StreamedBlocks | PhasedBlocks, str]:
+    """One set of shards as blocks (cache or stream), and its shard-list fingerprint.
+    `resized`: where phases change the block size, (source sample, block size) from the number
+    of the source's blocks (data/layout.py)."""
+    from argonne_ds.data.layout import PhasedBlocks
     from argonne_ds.data.stream import CachedBlocks, StreamedBlocks
 
+    if resized is not None and not cfg.cache_dir:
+        raise DataError("a phase changes block_size: that needs the token cache (the rest of "
+                        "the epoch is re-cut at the new size); run `argonne-ds prepare` and "
+                        "pass --cache-dir")
     if cfg.cache_dir:
         # A complete cache: its index, read without a lock (start-up does not grow with ranks).
         index = load_cache(shards, tok, cfg.cache_dir, text_column, cfg.on_bad_shard,
                            cfg.encoder, show_progress=show_progress)
-        blocks: CachedBlocks | StreamedBlocks = CachedBlocks(index, cfg.block_size, seed,
-                                                             cfg.shuffle_window)
+        blocks: CachedBlocks | StreamedBlocks | PhasedBlocks = CachedBlocks(
+            index, cfg.block_size, seed, cfg.shuffle_window)
+        if resized is not None:
+            blocks = PhasedBlocks(blocks.store, resized, seed,
+                                  cfg.shuffle_window)
         return blocks, index.shard_list  # = shard_list_fingerprint(shards), checked on load
     column_cfg = dataclasses.replace(cfg, text_column=text_column)
     blocks = StreamedBlocks(usable_shards(column_cfg, shards), text_column,
@@ -144,8 +158,9 @@ def source_seed(seed: int, name: str) -> int:
     return seed * (1 << 32) + zlib.crc32(name.encode())
 
 
-def _build_mixture(cfg: DataConfig, plan: Plan, global_batch: int, model_vocab_size: int | None,
-                   show_progress: bool) -> tuple[Mixture, LoadedTokenizer, dict]:
+def _build_mixture(cfg: DataConfig, plan: Plan, contexts: list[Context],
+                   model_vocab_size: int | None, show_progress: bool
+                   ) -> tuple[Mixture, LoadedTokenizer, dict]:
     from argonne_ds.data.mixture import Blend, Mixture, Span
     from argonne_ds.phases import exact_weights
 
@@ -154,19 +169,24 @@ def _build_mixture(cfg: DataConfig, plan: Plan, global_batch: int, model_vocab_s
         logger.info("data: source %s: %s", name, describe_plan(shards))
     tok = resolve_tokenizer(cfg, [s for shards in by_source.values() for s in shards],
                             model_vocab_size)
+    spans = [Span(p.name, c.start_sample,
+                  tuple(exact_weights([p.weights[n] for n in plan.names])[0]))
+             for p, c in zip(plan.phases, contexts)]
+    blend = Blend(spans)
+    sizes = [c.block_size for c in contexts]
     blocks, lists = [], {}
-    for source in plan.sources:
+    for i, source in enumerate(plan.sources):
         column = _column(cfg, source)
+        resized = None  # the source's block count at each phase's start, and its block size
+        if len(set(sizes)) > 1:
+            resized = [(int(blend.counts(c.start_sample)[i]), c.block_size) for c in contexts]
         b, shard_list = _blocks(cfg, by_source[source.name], tok, column,
-                                source_seed(cfg.seed, source.name), show_progress)
+                                source_seed(cfg.seed, source.name), show_progress, resized)
         blocks.append(b)
         lists[source.name] = shard_list if column == cfg.text_column else \
             f"{shard_list}:{column}"
-    spans = [Span(p.name, p.start * global_batch,
-                  tuple(exact_weights([p.weights[n] for n in plan.names])[0]))
-             for p in plan.phases]
-    mixture = Mixture(plan.names, blocks, Blend(spans), [p.record() for p in plan.phases],
-                      global_batch)
+    mixture = Mixture(plan.names, blocks, blend, [p.record() for p in plan.phases],
+                      [c.global_batch for c in contexts])
     fingerprint = {"shards": lists, "tokenizer": tok.fingerprint, "separator": tok.separator_id,
                    "block_size": cfg.block_size, "seed": cfg.seed,
                    "shuffle_window": cfg.shuffle_window}

@@ -130,13 +130,16 @@ class Mixture:
     """Blocks from several named sources, blended (the `source` of a ResumableShardIterator)."""
 
     def __init__(self, names: Sequence[str], sources: Sequence[Any], blend: Blend,
-                 records: Sequence[dict[str, Any]] | None = None, global_batch: int = 1) -> None:
+                 records: Sequence[dict[str, Any]] | None = None,
+                 global_batch: int | Sequence[int] = 1) -> None:
         """`records`: each phase as the run config gives it (phases.Phase.record), kept in every
-        checkpoint once the phase has started; `global_batch`: samples per step, for messages."""
+        checkpoint once the phase has started; `global_batch`: samples per step (per phase where
+        phases change it), for messages."""
         self.names, self.sources, self.blend = list(names), list(sources), blend
         self.records = [dict(r) for r in records] if records else [
             {"name": s.name} for s in blend.spans]
-        self.G = global_batch
+        self.G = [global_batch] * len(blend.spans) if isinstance(global_batch, int) else \
+            list(global_batch)
         # Sources and blocks of the next CHUNK samples, computed at once (a lookup per sample
         # costs more in numpy calls than the block read itself).
         self._lo, self._src, self._k = 0, [], []
@@ -162,9 +165,16 @@ class Mixture:
         for source, k in zip(self.sources, self.blend.counts(g).tolist()):
             source.release(k)
 
+    def step_at(self, g: int) -> int:
+        """The optimizer step that ends at global sample g (a phase boundary or inside one)."""
+        p = self.blend.phase_of(g - 1) if g else 0
+        start = int(self.records[p].get("start") or 0)
+        return start + (g - self.blend.spans[p].start) // self.G[p]
+
     def epochs(self, g: int) -> dict[str, float]:
         """Passes over each source by global sample g (None where a stream's size is unknown)."""
-        return {name: (k / s.n_epoch if s.n_epoch else None)
+        return {name: (s.passes(k) if hasattr(s, "passes") else
+                       k / s.n_epoch if s.n_epoch else None)
                 for name, s, k in zip(self.names, self.sources, self.blend.counts(g).tolist())}
 
     def started(self, g: int) -> list[dict[str, Any]]:
@@ -195,7 +205,7 @@ class Mixture:
             if span.start < g:
                 raise DataError(
                     f"phase {r['name']!r} starts at step {r.get('start')}, before this "
-                    f"checkpoint's step {g // self.G}: a new phase can only start at or after "
+                    f"checkpoint's step {self.step_at(g)}: a new phase can only start at or after "
                     "the step it is added at")
 
     def load_state_dict(self, state: dict[str, Any], g: int) -> None:

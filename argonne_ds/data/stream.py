@@ -22,29 +22,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from argonne_ds.data import DataError
+from argonne_ds.data import DataError, layout
 from argonne_ds.data.cache import CacheIndex, TokenStore
 from argonne_ds.data.discovery import Shard
-from argonne_ds.data.encoding import TOKEN_DTYPE, iter_encoded
+from argonne_ds.data.encoding import TOKEN_DTYPE
+from argonne_ds.data.layout import PhasedBlocks
 from argonne_ds.data.mixture import Mixture
-from argonne_ds.data.shards import verify_pages
+from argonne_ds.data.reader import StreamPos, TokenReader
 from argonne_ds.data.tokenizer import Encoder
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
+IGNORE_INDEX = -100  # the loss's (model/loss.py): a label not trained on
 
 
 def window_order(seed: int, epoch: int, window: int, size: int, shuffle: bool) -> np.ndarray:
-    if not shuffle or size <= 1:
-        return np.arange(size)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, window])))
-    return rng.permutation(size)
+    return layout.window_order((seed, epoch, window), size, shuffle)
 
 
 def _too_short(n_tokens: int, block_size: int) -> DataError:
@@ -88,89 +87,6 @@ class CachedBlocks:
         pass
 
 
-@dataclass
-class StreamPos:
-    shard: int = 0
-    row: int = 0
-    offset: int = 0  # tokens of document `row` (separator included) already consumed
-
-
-class _TokenReader:
-    """Sequential tokens from parquet, tokenized on the fly, with exact restartable positions."""
-
-    def __init__(self, shards: Sequence[Shard], text_column: str, encoder: Encoder,
-                 pos: StreamPos, skip_bad: bool = False) -> None:
-        self.shards, self.col, self.encoder = shards, text_column, encoder
-        self.skip_bad = skip_bad
-        self.shard = pos.shard
-        self._batches = self._open(pos.shard, pos.row)
-        self.tokens = np.empty(0, TOKEN_DTYPE)
-        self.doc_starts = np.zeros(1, np.int64)
-        self.doc_rows = np.empty(0, np.int64)
-        self.end_row = pos.row  # first row after the current batch
-        self.p = 0
-        self._next_batch()
-        if pos.offset:
-            if not len(self.doc_rows) or self.doc_rows[0] != pos.row:
-                raise DataError(f"{shards[pos.shard].path}: cannot resume at row {pos.row}: that "
-                                "row holds no document now; the shard changed since the checkpoint")
-            self.p = pos.offset
-
-    def _open(self, shard: int, row: int):
-        if shard >= len(self.shards):
-            return iter(())
-        if self.skip_bad:
-            # Damaged pages behind a valid footer surface only when read: read the whole column
-            # first (~10% of tokenizing it), so that a bad shard is skipped whole, as the cache
-            # does, instead of failing after its readable rows were trained on.
-            try:
-                verify_pages(self.shards[shard], self.col)
-            except DataError as e:
-                logger.warning("skipping bad shard (--on-bad-shard skip; found while "
-                               "streaming): %s", e)
-                return iter(())
-        return iter_encoded(self.shards[shard], self.col, self.encoder, start_row=row)
-
-    def _next_batch(self) -> bool:
-        """Load the next batch that has tokens; False at the end of the data."""
-        while True:
-            try:
-                tokens, lengths, rows, n_rows, _ = next(self._batches)
-            except StopIteration:
-                if self.shard >= len(self.shards) - 1:
-                    self.shard = len(self.shards)
-                    self.tokens, self.p = np.empty(0, TOKEN_DTYPE), 0
-                    return False
-                self.shard += 1
-                self.end_row = 0
-                self._batches = self._open(self.shard, 0)
-                continue
-            self.end_row = int(rows[0]) + n_rows if len(rows) else self.end_row + n_rows
-            if len(tokens):
-                self.tokens, self.p = tokens, 0
-                self.doc_starts = np.concatenate([[0], np.cumsum(lengths)])
-                self.doc_rows = rows
-                return True
-
-    def read(self, n: int) -> np.ndarray:
-        """Up to n tokens; fewer only at the end of the data."""
-        parts, need = [], n
-        while need:
-            if self.p >= len(self.tokens) and not self._next_batch():
-                break
-            take = min(need, len(self.tokens) - self.p)
-            parts.append(self.tokens[self.p:self.p + take])
-            self.p += take
-            need -= take
-        return np.concatenate(parts) if parts else np.empty(0, TOKEN_DTYPE)
-
-    def position(self) -> StreamPos:
-        if self.p < len(self.tokens):
-            i = int(np.searchsorted(self.doc_starts, self.p, side="right")) - 1
-            return StreamPos(self.shard, int(self.doc_rows[i]), int(self.p - self.doc_starts[i]))
-        return StreamPos(self.shard, self.end_row, 0)
-
-
 class StreamedBlocks:
     """Blocks tokenized while streaming from parquet: the same blocks as the cache, read forward a
     window at a time. Positions of window starts are kept so any rank can resume."""
@@ -189,7 +105,7 @@ class StreamedBlocks:
 
     def _start(self, epoch: int, j: int, g0: int, pos: StreamPos, carry: int | None) -> None:
         self.epoch, self.j, self.g_window = epoch, j, g0
-        self.reader = _TokenReader(self.shards, self.col, self.encoder, pos, self.skip_bad)
+        self.reader = TokenReader(self.shards, self.col, self.encoder, pos, self.skip_bad)
         self.carry = carry
         self.blocks: list[np.ndarray] = []
         self._fill()
@@ -264,7 +180,8 @@ class ResumableShardIterator:
     """Yields (input_ids, labels), each (micro_batch, T) int64, for this data-parallel rank."""
 
     def __init__(
-        self, source: CachedBlocks | StreamedBlocks | Mixture, *, global_batch_size: int,
+        self, source: CachedBlocks | StreamedBlocks | PhasedBlocks | Mixture, *,
+        global_batch_size: int,
         micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1,
         fingerprint: dict[str, Any] | None = None,
     ) -> None:
@@ -291,16 +208,25 @@ class ResumableShardIterator:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.samples + self.dp_rank * self.per_rank + self.micro * self.m
         if isinstance(self.source, Mixture):
-            blocks = np.stack(self.source.samples(first, self.m))
+            items = self.source.samples(first, self.m)
         else:
-            blocks = np.stack([self.source.sample(g) for g in range(first, first + self.m)])
+            items = [self.source.sample(g) for g in range(first, first + self.m)]
         self.micro += 1
         if self.micro * self.m == self.per_rank:
             self.samples += self.G
             self.micro = 0
             self.source.release(self.samples)
+        # A block re-cut by a context phase may join two ranges of the data (data/layout.py):
+        # it comes as (tokens, label positions to mask).
+        blocks = np.stack([b[0] if isinstance(b, tuple) else b for b in items])
         x = torch.from_numpy(blocks.astype(np.int64))  # (m, T+1)
-        return x[:, :-1], x[:, 1:]
+        labels = x[:, 1:]
+        if any(isinstance(b, tuple) for b in items):
+            labels = labels.clone()  # the inputs are a view of the same tokens
+            for i, b in enumerate(items):
+                if isinstance(b, tuple):
+                    labels[i, torch.from_numpy(b[1])] = IGNORE_INDEX
+        return x[:, :-1], labels
 
     @property
     def epoch(self) -> int:

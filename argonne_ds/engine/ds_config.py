@@ -76,17 +76,20 @@ def engine_mode(ds_config: dict[str, Any]) -> str:
 
 
 def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = None,
-                 origin: Callable[[str], str] = lambda name: "run config"
-                 ) -> tuple[int, list[str]]:
+                 origin: Callable[[str], str] = lambda name: "run config",
+                 phase_batch: int | None = None) -> tuple[int, list[str]]:
     """Fix micro-batch, accumulation and global batch in `ds` for `dp` data-parallel ranks. The
     global batch is the invariant (--global-batch-size, else the JSON's train_batch_size, else
     its micro x accumulation x dp); accumulation is derived from it, unless given explicitly.
-    `micro_cap`: the micro-batch an out-of-memory backoff left (accumulation grows instead)."""
+    `micro_cap`: the micro-batch an out-of-memory backoff left (accumulation grows instead);
+    `phase_batch`: the global batch of a phase that changes it (phases.py), which wins."""
     json_micro = ds.get("train_micro_batch_size_per_gpu")
     json_accum = ds.get("gradient_accumulation_steps")
     json_total = ds.pop("train_batch_size", None)
     micro = cfg.batch_size or json_micro or max(1, (json_total or 1) // ((json_accum or 1) * dp))
-    if cfg.gradient_accumulation_steps:
+    if phase_batch:
+        total = phase_batch
+    elif cfg.gradient_accumulation_steps:
         total = micro * cfg.gradient_accumulation_steps * dp
         if cfg.global_batch_size and cfg.global_batch_size != total:
             raise ConfigError(f"--global-batch-size {cfg.global_batch_size} disagrees with "
@@ -121,8 +124,8 @@ def _batch_shape(ds: dict[str, Any], cfg: Any, dp: int, micro_cap: int | None = 
     return total, notes
 
 
-def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = None
-                      ) -> tuple[dict[str, Any], int, list[str]]:
+def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = None,
+                      phase_batch: int | None = None) -> tuple[dict[str, Any], int, list[str]]:
     """The JSON with the run config applied for `world_size` ranks (`micro_cap`: the micro-batch
     an out-of-memory backoff left); returns (config, max_steps, notes on what differs from the
     JSON)."""
@@ -145,7 +148,7 @@ def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = N
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
     global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages, micro_cap,
-                                             run.origin)
+                                             run.origin, phase_batch)
     notes += batch_notes
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise ConfigError("give --max-steps or --max-tokens")

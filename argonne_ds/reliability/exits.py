@@ -11,7 +11,8 @@ from enum import IntEnum
 
 
 class Exit(IntEnum):
-    """`argonne-ds train`'s exit codes; launch/train.sh relaunches after CRASH and RELAUNCH."""
+    """`argonne-ds train`'s exit codes; launch/train.sh relaunches after CRASH and RELAUNCH, and
+    at once (not counted as a restart) after NEXT_PHASE."""
 
     OK = 0  # finished, or stopped by a signal after saving
     CRASH = 1  # an unexpected error (its traceback is above)
@@ -20,6 +21,7 @@ class Exit(IntEnum):
     BAD_STEPS = 4  # too many skipped steps in a row (the bad-step guard)
     DISK_FULL = 5  # the output folder is full, over quota or read-only: free space first
     RELAUNCH = 75  # a hang or an out-of-memory inside a step: relaunching resumes (EX_TEMPFAIL)
+    NEXT_PHASE = 76  # saved where a phase changes the context: the next launch builds it
 
 
 # Called (with a time limit in seconds) just before a rank exits, error or not: the background
