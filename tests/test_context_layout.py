@@ -195,3 +195,27 @@ def test_the_loader_carries_each_source_across_the_extension(ws) -> None:
     left = epoch - drawn
     # the last batch ran into the next epoch by < 4 blocks; before it, < 64 pairs unread
     assert sum(left.values()) < 64 + 4 * 64
+
+
+def test_the_shipped_32k_extension_config() -> None:
+    """launch/configs/argonne2_extend_32k.yaml parses, keeps 4 Mi tokens a step, and its long
+    phases build a valid 32k argonne2 with YaRN over the 4k it trained at."""
+    from argonne_ds.config import load_model_config, with_context
+    from argonne_ds.phases import plan_of
+    from argonne_ds.run_options import from_dict, load_file
+
+    root = Path(__file__).resolve().parents[1]
+    run = from_dict(load_file(root / "launch" / "configs" / "argonne2_extend_32k.yaml"))
+    plan = plan_of(run)
+    assert plan is not None and plan.changes_context
+    got = [(c.block_size, c.global_batch, c.start_sample)
+           for c in plan.contexts(run.data.block_size, run.train.global_batch_size)]
+    assert got == [(4096, 1024, 0), (32768, 128, 95_000 * 1024),
+                   (32768, 128, 95_000 * 1024 + 3_000 * 128)]
+    long = plan.contexts(4096, 1024)[2]
+    model = with_context(load_model_config(run.train.model), long.block_size,
+                         long.rope_parameters, run.data.block_size)
+    assert model.max_position_embeddings == 32768
+    assert model.rope_parameters == {"rope_type": "yarn", "factor": 8.0,
+                                     "original_max_position_embeddings": 4096,
+                                     "rope_theta": 500000.0}
