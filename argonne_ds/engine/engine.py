@@ -21,11 +21,12 @@ import torch.distributed as dist
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
+from argonne_ds.engine.collectives import Collectives, Sampling
 from argonne_ds.engine.distributed import init_distributed
 from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mode
 from argonne_ds.engine.state import init_weights_by_name, load_plain_state, load_portable
 from argonne_ds.model.model import ArgonneBlock, ArgonneModel, RMSNorm, compile_blocks
-from argonne_ds.model.pipe import HeadPipe, build_pipeline_module, pipeline_batches
+from argonne_ds.model.pipe import build_pipeline_module, pipeline_batches
 from argonne_ds.schedule import LRShape, WSDSchedule, start_scheduler
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class StepResult:
     skipped: str | None = None  # why the update was skipped (weights unchanged)
 
 
-class Engine:
+class Engine(Collectives, Sampling):
     """Owns the DeepSpeed engine; the trainer never touches DeepSpeed directly."""
 
     def __init__(self, model_config: ArgonneConfig, ds_config: dict[str, Any],
@@ -194,32 +195,6 @@ class Engine:
                 "pipeline_parts": [int(b) for b in self.module.parts]
                 if self.mode == "pipeline" else None}
 
-    # ---- agreement between ranks: every rank calls these, in the same order ----------------
-    def any_rank(self, *flags: bool) -> list[bool]:
-        """Each flag, true when it is true on any rank (so every rank takes the same branch)."""
-        t = torch.tensor([float(f) for f in flags], device=self.device)  # NCCL: device tensors
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
-    def all_ranks(self, flag: bool) -> bool:
-        """True when `flag` is true on every rank."""
-        return not self.any_rank(not flag)[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """`obj` from every rank, in rank order, on every rank."""
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """Rank `src`'s `obj` on every rank (a decision one rank makes for all)."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     @property
     def global_steps(self) -> int:
         return self.engine.global_steps
@@ -327,49 +302,6 @@ class Engine:
         dist.all_reduce(loss, group=self.engine.data_parallel_group)
         self.engine.train()
         return float(loss) / self.dp_world
-
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, stop_id: int | None = None
-                 ) -> list[int]:
-        """Greedy continuation of one prompt (a training-time sample; every rank must call it).
-        No KV cache: a few dozen tokens of a sample are cheap next to a training step."""
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.engine.device)
-        limit = self.model_config.max_position_embeddings
-        self.engine.eval()
-        for _ in range(max_new_tokens):
-            window = ids[:, -limit:]
-            if self.mode == "pipeline":
-                self.engine.reset_activation_shape()  # the length changes every call
-                head = self._stage_head()
-                if head is not None:
-                    head.return_logits = True
-                try:
-                    out = self.engine.eval_batch(pipeline_batches([(window, window)]),
-                                                 return_logits=True, num_micro_batches=1)
-                finally:
-                    if head is not None:
-                        head.return_logits = False
-                self.engine.total_loss = None  # eval_batch leaves its loss accumulated
-                nxt = torch.zeros(1, dtype=torch.long, device=self.engine.device)
-                if self.engine.is_last_stage():
-                    nxt[0] = out[1][0, -1].argmax()
-                # Within this replica's pipeline: each data-parallel replica generates alike.
-                grid = self.engine.grid
-                dist.broadcast(nxt, src=grid.stage_to_global(self.engine.num_stages - 1),
-                               group=grid.get_pipe_parallel_group())
-            else:
-                nxt = self.engine(window).logits[0, -1].argmax().reshape(1)
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if stop_id is not None and int(nxt) == stop_id:
-                break
-        if self.mode == "pipeline":
-            self.engine.reset_activation_shape()
-        self.engine.train()
-        return ids[0, len(prompt):].tolist()
-
-    def _stage_head(self) -> HeadPipe | None:
-        """The output head, on the pipeline stage that holds it."""
-        return next((m for m in self.module.modules() if isinstance(m, HeadPipe)), None)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any],
