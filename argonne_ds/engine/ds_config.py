@@ -147,7 +147,11 @@ def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = N
     stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
-    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages, micro_cap,
+    sp = int(ds.get("sequence_parallel_size", 1) or 1)  # a group of sp ranks shares samples
+    if world_size % (stages * sp):
+        raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages x "
+                          f"sequence_parallel_size {sp}")
+    global_batch, batch_notes = _batch_shape(ds, cfg, world_size // stages // sp, micro_cap,
                                              run.origin, phase_batch)
     notes += batch_notes
     if cfg.max_steps is None and cfg.max_tokens is None:

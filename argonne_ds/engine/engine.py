@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from argonne_ds.config import ArgonneConfig
+from argonne_ds.engine import sequence
 from argonne_ds.engine.collectives import Collectives, Sampling
 from argonne_ds.engine.distributed import init_distributed
 from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mode
@@ -75,6 +76,9 @@ class Engine(Collectives, Sampling):
         # DeepSpeed's "activation_checkpointing" section, in any mode: every block's activations
         # are recomputed in backward instead of kept (a pipeline's own interval wins).
         recompute = "activation_checkpointing" in self.ds_config
+        self.sp = sequence.sequence_parallel_size(self.ds_config)
+        sequence.check(model_config, self.sp, dist.get_world_size(), self.mode == "pipeline")
+        mpu = sequence.init_groups(self.sp) if self.sp > 1 else None
         if self.mode == "pipeline":
             pipe = self.ds_config["pipeline"]
             model: nn.Module = build_pipeline_module(
@@ -89,6 +93,8 @@ class Engine(Collectives, Sampling):
             model = ArgonneModel(model_config)
         if recompute and isinstance(model, ArgonneModel):
             model.gradient_checkpointing = True
+        if mpu is not None:
+            sequence.attach(model, self.sp, mpu)
         if init_state is not None:
             load_plain_state(self, model, init_state)
         elif init_weights:
@@ -105,7 +111,7 @@ class Engine(Collectives, Sampling):
             self.ds_config.pop("scheduler", None)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
-            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY},
+            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY}, mpu=mpu,
             lr_scheduler=None if lr_shape is None else (
                 lambda optimizer: WSDSchedule(optimizer, lr_shape)))
         self.module = model
@@ -167,11 +173,14 @@ class Engine(Collectives, Sampling):
 
     @property
     def dp_rank(self) -> int:
+        """This rank's data-parallel replica (a sequence-parallel group shares its samples)."""
+        if self.sp > 1:
+            return dist.get_rank() // self.sp
         return dist.get_rank(group=self.engine.data_parallel_group)
 
     @property
     def dp_world(self) -> int:
-        return self.engine.dp_world_size
+        return dist.get_world_size() // self.sp if self.sp > 1 else self.engine.dp_world_size
 
     @property
     def micro_batch_size(self) -> int:
@@ -188,7 +197,7 @@ class Engine(Collectives, Sampling):
     def layout(self) -> dict[str, Any]:
         """What a native DeepSpeed checkpoint is bound to: a checkpoint written under another
         layout is converted on resume (reshard.py)."""
-        return {"mode": self.mode, "world_size": self.world_size,
+        return {"mode": self.mode, "world_size": self.world_size, "sequence_parallel": self.sp,
                 "pipeline_stages": int((self.ds_config.get("pipeline") or {}).get("stages", 0)),
                 "zero_stage": int(self.engine.zero_optimization_stage()),
                 # Which layers each stage holds (the ZeRO-1 optimizer files are per stage).

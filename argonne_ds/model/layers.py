@@ -156,3 +156,20 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def sequence_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  docs: DocumentAttention | None, dropout: float = 0.0) -> torch.Tensor:
+    """The attention of whole sequences on some heads: q (B, T, h, D), k/v (B, T, k, D) ->
+    (B, T, h, D), causal, inside each document with docs (its mask is of the whole sequence).
+    The local part of sequence parallelism, between Ulysses' two all-to-alls."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+    gqa = k.shape[1] != q.shape[1]
+    if docs is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, dropout_p=dropout,
+                                           enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                           enable_gqa=gqa)
+    return y.transpose(1, 2)
+

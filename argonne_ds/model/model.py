@@ -35,6 +35,7 @@ from argonne_ds.model.layers import (  # noqa: F401 - re-exported: model.X impor
     document_positions,
     rotary_at,
     rotate_half,
+    sequence_core,
 )
 from argonne_ds.model.loss import IGNORE_INDEX, LMHead
 
@@ -98,18 +99,26 @@ class Attention(nn.Module):
         self.o_proj.is_residual_proj = True  # scaled init, see ArgonneModel._init_weights
         self.dropout = config.attention_dropout
         self.use_flash = config.use_flash_attention
+        # Set from outside for sequence parallelism (engine/sequence.py, DeepSpeed Ulysses):
+        # (q, k, v (B, T/P, heads, D), batch dim, None, docs, dropout) -> (B, T/P, H, D), the
+        # attention over the whole sequence computed on H/P heads per rank (sequence_core).
+        self.sequence_attention: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None,
-                docs: DocumentAttention | None = None) -> torch.Tensor:
+                docs: DocumentAttention | None = None, sharded: bool = False) -> torch.Tensor:
         """cache: [k, v] of earlier positions, extended in place (generation); mask: (B, 1, T, S)
         bool, True = may attend (left padding); docs: attention kept inside each document.
-        Training passes docs at most."""
+        Training passes docs at most; `sharded`: x is this rank's part of the sequence."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if sharded and self.sequence_attention is not None:
+            y = self.sequence_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        0, None, docs, self.dropout if self.training else 0.0)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
@@ -168,8 +177,8 @@ class ArgonneBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None,
-                docs: DocumentAttention | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, cache, mask, docs))
+                docs: DocumentAttention | None = None, sharded: bool = False) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, cache, mask, docs, sharded))
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -266,6 +275,7 @@ class ArgonneModel(ArgonnePreTrainedModel):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = config.use_gradient_checkpointing
+        self.sequence_shard: tuple[int, int] | None = None  # (rank, size): engine/sequence.py
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -295,23 +305,38 @@ class ArgonneModel(ArgonnePreTrainedModel):
                 f"({self.config.max_position_embeddings}); raise it with a RoPE scaling "
                 "(docs/model.md, RoPE scaling) or use rope_type dynamic to read past it"
             )
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        # Sequence parallelism (engine/sequence.py): this rank computes positions lo..hi-1 of
+        # each sequence; documents and the loss's token count are of the whole sequence.
+        shard = self.sequence_shard if labels is not None else None
+        lo, hi = (0, T) if shard is None else (shard[0] * T // shard[1],
+                                              (shard[0] + 1) * T // shard[1])
+        x = self.embed_tokens(input_ids[:, lo:hi])  # (B, T', C)
         docs, positions = None, None
         if self.config.uses_document_ids:
             doc_ids = document_ids(input_ids, self.config.document_separator_id)  # (B, T)
             docs, positions = document_layout(doc_ids, x, self.config)
         if positions is None:
-            cos, sin = self.rotary(T, x.device, x.dtype)  # (T, D) each
+            cos, sin = self.rotary(hi - lo, x.device, x.dtype, offset=lo)  # (T', D) each
         else:
-            cos, sin = rotary_at(self.rotary, positions, x.dtype)  # (B, 1, T, D) each
+            cos, sin = rotary_at(self.rotary, positions[:, lo:hi], x.dtype)  # (B, 1, T', D)
+        sharded = shard is not None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, docs=docs, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, docs=docs, sharded=sharded,
+                               use_reentrant=False)
             else:
-                x = block(x, cos, sin, docs=docs)
-        if labels is not None:
+                x = block(x, cos, sin, docs=docs, sharded=sharded)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)
+        if shard is None:
             return CausalLMOutput(loss=self.lm_head(self.norm(x), labels))
-        return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)
+        # This rank's share of the mean over the whole sequences: summed over the sequence-
+        # parallel group it is the loss of SP = 1.
+        mine, total = int((labels[:, lo:hi] != IGNORE_INDEX).sum()), int(
+            (labels != IGNORE_INDEX).sum())
+        if not mine:
+            return CausalLMOutput(loss=x.sum() * 0.0)  # nothing to learn here; graph kept
+        return CausalLMOutput(loss=self.lm_head(self.norm(x), labels[:, lo:hi]) * (mine / total))
 
     def _forward_cached(self, input_ids: torch.Tensor, cache: list[list[torch.Tensor]] | None,
                         attention_mask: torch.Tensor | None) -> CausalLMOutput:

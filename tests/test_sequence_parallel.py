@@ -1,0 +1,113 @@
+"""Sequence parallelism with DeepSpeed Ulysses on gloo (CPU, fp32, ZeRO-3): the same seed, data
+and global batch give the same per-step losses with SP = 2 on 2 ranks and SP = 2 x DP = 2 on 4
+ranks as SP = 1 on 1 rank (within 1e-5); one key/value head for an SP degree of 2 (replicated)
+with document masking too. What is refused, in one line each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from argonne_ds.config import ArgonneConfig
+from argonne_ds.engine.sequence import check
+from argonne_ds.run_config import ConfigError
+from argonne_ds.testing import run_distributed_test
+
+CONFIG = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, intermediate_size=64,
+              max_position_embeddings=32)
+SEED, GLOBAL, MICRO, SEQ, STEPS = 7, 8, 2, 32, 4
+SEPARATOR = 3
+
+
+def ds_config(dp: int, sp: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO,
+            "gradient_accumulation_steps": GLOBAL // (MICRO * dp), "gradient_clipping": 1.0,
+            "steps_per_print": 10**9, "sequence_parallel_size": sp,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95],
+                                                     "eps": 1e-8, "torch_adam": True}},
+            "zero_optimization": {"stage": 3}}
+
+
+def _batches(dp_rank: int, dp_world: int):
+    per_rank = GLOBAL // dp_world
+    for step in range(STEPS):
+        first = step * GLOBAL + dp_rank * per_rank
+        for m in range(0, per_rank, MICRO):
+            rows = []
+            for k in range(MICRO):
+                g = torch.Generator().manual_seed(1000 + first + m + k)
+                rows.append(torch.randint(0, CONFIG["vocab_size"], (SEQ + 1,), generator=g))
+            block = torch.stack(rows)
+            yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+
+def _train(rank: int, world: int, sp: int, model: dict) -> dict:
+    from argonne_ds.engine.engine import Engine
+
+    engine = Engine(ArgonneConfig(**model), ds_config(world // sp, sp), seed=SEED)
+    data = _batches(engine.dp_rank, engine.dp_world)
+    losses = [engine.train_step(data).loss for _ in range(STEPS)]
+    return {"losses": losses, "dp": (engine.dp_rank, engine.dp_world),
+            "shard": engine.module.sequence_shard, "eval": engine.eval_loss(
+                [next(_batches(engine.dp_rank, engine.dp_world))])}
+
+
+def losses(world: int, sp: int, model: dict) -> list[dict]:
+    return run_distributed_test(_train, world_size=world, args=(sp, model), timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return losses(1, 1, CONFIG)[0]
+
+
+@pytest.mark.distributed
+def test_sp2_on_2_ranks_gives_the_single_rank_losses(single: dict) -> None:
+    results = losses(2, 2, CONFIG)
+    assert [r["shard"] for r in results] == [(0, 2), (1, 2)]
+    assert [r["dp"] for r in results] == [(0, 1), (0, 1)]  # one replica: both read its samples
+    for r in results:
+        assert r["losses"][0] == pytest.approx(single["losses"][0], abs=1e-6)  # before updates
+        assert r["losses"] == pytest.approx(single["losses"], abs=1e-5), (r, single)
+        assert r["eval"] == pytest.approx(single["eval"], abs=1e-5)
+    assert single["losses"][-1] < single["losses"][0]  # it trains: not a comparison of constants
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sp2_x_dp2_on_4_ranks_gives_them_too(single: dict) -> None:
+    results = losses(4, 2, CONFIG)
+    assert [r["dp"] for r in results] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    for r in results:
+        assert r["losses"] == pytest.approx(single["losses"], abs=1e-5), (r, single)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_kv_head_replicated_with_document_masking() -> None:
+    model = {**CONFIG, "num_key_value_heads": 1, "document_masking": True,
+             "document_separator_id": SEPARATOR}
+    one, two = losses(1, 1, model)[0], losses(2, 2, model)
+    for r in two:
+        assert r["losses"] == pytest.approx(one["losses"], abs=1e-5), (r, one)
+    plain = losses(1, 1, {**model, "document_masking": False})[0]
+    assert abs(plain["losses"][0] - one["losses"][0]) > 1e-4  # the mask is really on
+
+
+def test_what_sequence_parallelism_refuses() -> None:
+    config = ArgonneConfig(**CONFIG)
+    with pytest.raises(ConfigError, match="with a pipeline"):
+        check(config, 2, 2, pipeline=True)
+    with pytest.raises(ConfigError, match="does not divide the 3 ranks"):
+        check(config, 2, 3, pipeline=False)
+    with pytest.raises(ConfigError, match="does not divide the 4 attention heads"):
+        check(config, 3, 3, pipeline=False)
+    with pytest.raises(ConfigError, match="one must divide the other"):
+        check(ArgonneConfig(**{**CONFIG, "num_attention_heads": 6, "num_key_value_heads": 3,
+                               "head_dim": 8}), 2, 2, pipeline=False)
+    dynamic = ArgonneConfig(**{**CONFIG, "rope_parameters": {"rope_type": "dynamic",
+                                                             "factor": 2.0}})
+    with pytest.raises(ConfigError, match="rope_type dynamic"):
+        check(dynamic, 2, 2, pipeline=False)
+    check(config, 2, 4, pipeline=False)  # fine
