@@ -101,6 +101,9 @@ class TrainConfig:
     batch_size: int | None = option(None, "micro-batch per GPU (overrides the JSON)")
     gradient_accumulation_steps: int | None = option(
         None, "fixes accumulation instead (the global batch then follows the rank count)")
+    sequence_parallel_size: int | None = option(
+        None, "ranks that share each sequence (DeepSpeed Ulysses; overrides the JSON's "
+        "sequence_parallel_size; ZeRO-3 or data parallel)")
     allow_global_batch_change: bool = option(
         False, "resume although the global batch differs from the checkpoint's (the data "
         "continues at the same sample, the LR schedule at the same step)")
@@ -135,7 +138,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         for name in ("global_batch_size", "batch_size", "gradient_accumulation_steps",
-                     "max_steps", "max_tokens", "min_micro_batch_size"):
+                     "max_steps", "max_tokens", "min_micro_batch_size",
+                     "sequence_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be positive, got {value}")

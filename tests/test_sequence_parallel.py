@@ -20,13 +20,13 @@ SEED, GLOBAL, MICRO, SEQ, STEPS = 7, 8, 2, 32, 4
 SEPARATOR = 3
 
 
-def ds_config(dp: int, sp: int) -> dict:
+def ds_config(dp: int, sp: int, zero: int = 3) -> dict:
     return {"train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": GLOBAL // (MICRO * dp), "gradient_clipping": 1.0,
             "steps_per_print": 10**9, "sequence_parallel_size": sp,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95],
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95],
                                                      "eps": 1e-8, "torch_adam": True}},
-            "zero_optimization": {"stage": 3}}
+            "zero_optimization": {"stage": zero}}
 
 
 def _batches(dp_rank: int, dp_world: int):
@@ -42,19 +42,22 @@ def _batches(dp_rank: int, dp_world: int):
             yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
 
-def _train(rank: int, world: int, sp: int, model: dict) -> dict:
+def _train(rank: int, world: int, sp: int, model: dict, zero: int = 3) -> dict:
     from argonne_ds.engine.engine import Engine
 
-    engine = Engine(ArgonneConfig(**model), ds_config(world // sp, sp), seed=SEED)
+    engine = Engine(ArgonneConfig(**model), ds_config(world // sp, sp, zero), seed=SEED)
     data = _batches(engine.dp_rank, engine.dp_world)
-    losses = [engine.train_step(data).loss for _ in range(STEPS)]
-    return {"losses": losses, "dp": (engine.dp_rank, engine.dp_world),
-            "shard": engine.module.sequence_shard, "eval": engine.eval_loss(
-                [next(_batches(engine.dp_rank, engine.dp_world))])}
+    results = [engine.train_step(data) for _ in range(STEPS)]
+    losses = [r.loss for r in results]
+    held_out = [next(_batches(engine.dp_rank, engine.dp_world))]
+    return {"losses": losses, "norms": [r.grad_norm for r in results],
+            "dp": (engine.dp_rank, engine.dp_world), "shard": engine.module.sequence_shard,
+            "eval": engine.eval_loss(held_out)}
 
 
-def losses(world: int, sp: int, model: dict) -> list[dict]:
-    return run_distributed_test(_train, world_size=world, args=(sp, model), timeout_s=240)
+def losses(world: int, sp: int, model: dict, zero: int = 3) -> list[dict]:
+    return run_distributed_test(_train, world_size=world, args=(sp, model, zero),
+                                timeout_s=240)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +73,17 @@ def test_sp2_on_2_ranks_gives_the_single_rank_losses(single: dict) -> None:
     for r in results:
         assert r["losses"][0] == pytest.approx(single["losses"][0], abs=1e-6)  # before updates
         assert r["losses"] == pytest.approx(single["losses"], abs=1e-5), (r, single)
+        assert r["norms"] == pytest.approx(single["norms"], rel=1e-5), (r, single)
         assert r["eval"] == pytest.approx(single["eval"], abs=1e-5)
     assert single["losses"][-1] < single["losses"][0]  # it trains: not a comparison of constants
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sp2_x_dp2_on_4_ranks_gives_them_too(single: dict) -> None:
+def test_sp2_x_dp2_on_4_ranks_and_plain_data_parallel_give_them_too(single: dict) -> None:
     results = losses(4, 2, CONFIG)
     assert [r["dp"] for r in results] == [(0, 2), (0, 2), (1, 2), (1, 2)]
-    for r in results:
+    for r in results + losses(2, 2, CONFIG, zero=1):  # ZeRO-1: plain data parallel
         assert r["losses"] == pytest.approx(single["losses"], abs=1e-5), (r, single)
 
 
@@ -111,3 +115,33 @@ def test_what_sequence_parallelism_refuses() -> None:
     with pytest.raises(ConfigError, match="rope_type dynamic"):
         check(dynamic, 2, 2, pipeline=False)
     check(config, 2, 4, pipeline=False)  # fine
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_trainer_resumes_across_sequence_parallel_degrees(ws, tmp_path) -> None:
+    """`argonne-ds train --sequence-parallel-size 2` on 2 ranks (ZeRO-3): 2 steps, saved; then
+    continued at SP = 2 and, from a copy, at SP = 1 (data parallel 2): the same losses and
+    gradient norms (clipping at 1.0 is active here: a wrong gradient scale would show)."""
+    import shutil
+
+    from tests.train_helpers import run, steps, train_cmd
+
+    def cmd(out, *extra):
+        return train_cmd(ws, "cpu_zero3.json", out, "--global-batch-size", "4",
+                         "--batch-size", "2", "--save-interval", "2", *extra)
+
+    sp2, sp1 = tmp_path / "sp2", tmp_path / "sp1"
+    log = run(cmd(sp2, "--sequence-parallel-size", "2", "--max-steps", "2")).stdout
+    assert "[config] sequence_parallel_size 2 (--sequence-parallel-size) overrides" in log
+    shutil.copytree(sp2, sp1)
+    run(cmd(sp2, "--sequence-parallel-size", "2", "--max-steps", "4"))
+    out = run(cmd(sp1, "--max-steps", "4")).stdout
+    assert f"resumed from {sp1 / 'checkpoints'}/global_step2" in out  # as it is: no conversion
+    a, b = steps(sp2), steps(sp1)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a[1]["grad_norm"] > 1.0  # clipped
+    for step in (1, 2, 3, 4):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5)
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-5)
+        assert b[step]["samples"] == a[step]["samples"]

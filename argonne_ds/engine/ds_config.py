@@ -147,6 +147,9 @@ def resolve_ds_config(run: RunConfig, world_size: int, micro_cap: int | None = N
     stages = pipeline_stages(ds)
     if world_size % stages:
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages")
+    if cfg.sequence_parallel_size:
+        override(["sequence_parallel_size"], cfg.sequence_parallel_size,
+                 "sequence_parallel_size")
     sp = int(ds.get("sequence_parallel_size", 1) or 1)  # a group of sp ranks shares samples
     if world_size % (stages * sp):
         raise ConfigError(f"{world_size} processes cannot form {stages} pipeline stages x "

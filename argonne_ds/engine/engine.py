@@ -78,7 +78,7 @@ class Engine(Collectives, Sampling):
         recompute = "activation_checkpointing" in self.ds_config
         self.sp = sequence.sequence_parallel_size(self.ds_config)
         sequence.check(model_config, self.sp, dist.get_world_size(), self.mode == "pipeline")
-        mpu = sequence.init_groups(self.sp) if self.sp > 1 else None
+        sp_group = sequence.init_groups(self.sp) if self.sp > 1 else None
         if self.mode == "pipeline":
             pipe = self.ds_config["pipeline"]
             model: nn.Module = build_pipeline_module(
@@ -93,8 +93,8 @@ class Engine(Collectives, Sampling):
             model = ArgonneModel(model_config)
         if recompute and isinstance(model, ArgonneModel):
             model.gradient_checkpointing = True
-        if mpu is not None:
-            sequence.attach(model, self.sp, mpu)
+        if sp_group is not None:
+            sequence.attach(model, self.sp, *sp_group)
         if init_state is not None:
             load_plain_state(self, model, init_state)
         elif init_weights:
@@ -111,7 +111,8 @@ class Engine(Collectives, Sampling):
             self.ds_config.pop("scheduler", None)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay),
-            config={k: v for k, v in self.ds_config.items() if k != COMPILE_KEY}, mpu=mpu,
+            config=sequence.deepspeed_config(
+                {k: v for k, v in self.ds_config.items() if k != COMPILE_KEY}, self.sp),
             lr_scheduler=None if lr_shape is None else (
                 lambda optimizer: WSDSchedule(optimizer, lr_shape)))
         self.module = model
@@ -174,13 +175,11 @@ class Engine(Collectives, Sampling):
     @property
     def dp_rank(self) -> int:
         """This rank's data-parallel replica (a sequence-parallel group shares its samples)."""
-        if self.sp > 1:
-            return dist.get_rank() // self.sp
-        return dist.get_rank(group=self.engine.data_parallel_group)
+        return dist.get_rank(group=self.engine.data_parallel_group) // self.sp
 
     @property
     def dp_world(self) -> int:
-        return dist.get_world_size() // self.sp if self.sp > 1 else self.engine.dp_world_size
+        return self.engine.dp_world_size // self.sp
 
     @property
     def micro_batch_size(self) -> int:
@@ -192,12 +191,12 @@ class Engine(Collectives, Sampling):
 
     @property
     def global_batch_size(self) -> int:
-        return self.engine.train_batch_size()
+        return self.engine.train_batch_size() // self.sp  # DeepSpeed counts each SP rank
 
     def layout(self) -> dict[str, Any]:
         """What a native DeepSpeed checkpoint is bound to: a checkpoint written under another
         layout is converted on resume (reshard.py)."""
-        return {"mode": self.mode, "world_size": self.world_size, "sequence_parallel": self.sp,
+        return {"mode": self.mode, "world_size": self.world_size,
                 "pipeline_stages": int((self.ds_config.get("pipeline") or {}).get("stages", 0)),
                 "zero_stage": int(self.engine.zero_optimization_stage()),
                 # Which layers each stage holds (the ZeRO-1 optimizer files are per stage).
@@ -271,7 +270,7 @@ class Engine(Collectives, Sampling):
                 self.engine.step()
             loss_t = total / self.grad_accum
             dist.all_reduce(loss_t, group=self.engine.data_parallel_group)
-            loss = float(loss_t) / self.dp_world
+            loss = float(loss_t) / self.engine.dp_world_size  # SP ranks: shares x P
         norm = self.engine.get_global_grad_norm()
         norm = self._fp32_norm if norm is None else norm
         skipped = self._verdict or None
@@ -310,7 +309,7 @@ class Engine(Collectives, Sampling):
         loss = loss.to(self.engine.device)
         dist.all_reduce(loss, group=self.engine.data_parallel_group)
         self.engine.train()
-        return float(loss) / self.dp_world
+        return float(loss) / self.engine.dp_world_size
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any],

@@ -5,9 +5,16 @@ positions of every sequence: the embedding, MLPs, norms and the loss on its own 
 attention by DeepSpeed's `DistributedAttention` (deepspeed.sequence.layer), whose all-to-all
 gives each rank the whole sequence on H/P query heads (and their key/value heads), runs the
 model's own causal, document-masked attention there (`model.layers.sequence_core`), and sends the
-result back along the sequence. Each rank's loss is its share of the whole sequences' mean
-(model.py), so the group's sum is the SP = 1 loss; DeepSpeed reduces gradients over every rank
-(ZeRO's sequence-data-parallel group) and averages by the data-parallel degree, world / P.
+result back along the sequence.
+
+To DeepSpeed the job stays plain data parallel over every rank (no mpu): ZeRO shards over all of
+them and averages gradients over all of them, the same in every code path (ZeRO-3's contiguous
+and reduce-scatter reductions, ZeRO-1/2, none). So each rank's loss is its share of the whole
+sequences' mean times P (model.py): the average over the W = DP x P ranks is then the mean over
+the DP replicas of their SP = 1 gradients. (DeepSpeed's own SP accounting, `mpu` with
+`sequence_parallel_size`, halves ZeRO-3's gradients on its reduce-scatter path in 0.19.8: a
+gradient-norm check in tests/test_sequence_parallel.py caught it.) A checkpoint is a
+data-parallel one over W ranks, so it resumes at any SP degree on the same ranks as it is.
 
 Key/value heads: with K >= P, K/P per rank (query head groups stay whole); with K < P and P a
 multiple of K, each is replicated P/K times first, so every rank holds the one its queries read.
@@ -58,12 +65,18 @@ def check(config: ArgonneConfig, size: int, world: int, pipeline: bool) -> None:
                           "call's longest position, which differs by shard; use yarn or linear")
 
 
-def init_groups(size: int) -> Any:
-    """DeepSpeed's sequence-parallel groups (consecutive ranks); the module is the mpu."""
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+def init_groups(size: int) -> tuple[Any, int]:
+    """This rank's sequence-parallel group (consecutive ranks) and its rank in it. Every rank
+    makes every group, in the same order."""
+    import torch.distributed as dist
 
-    parallel_state_sp.initialize_sequence_parallel(size)
-    return parallel_state_sp
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine, rank % size
 
 
 class _Ulysses(nn.Module):
@@ -84,13 +97,21 @@ class _Ulysses(nn.Module):
         return self.inner(q, k, v, batch_dim, rotary, *args)
 
 
-def attach(model: nn.Module, size: int, mpu: Any) -> None:
+def attach(model: nn.Module, size: int, group: Any, rank: int) -> None:
     """Route the model's attention through Ulysses and give it its shard of each sequence."""
     if not isinstance(model, ArgonneModel):
         raise ConfigError(f"{KEY} needs the plain model (ZeRO-3 or data parallel)")
-    group = mpu.get_sequence_parallel_group()
     for attn in (m for m in model.modules() if isinstance(m, Attention)):
         repeat = size // attn.n_kv if attn.n_kv < size else 1
         # Not a submodule: it holds no parameters, and ZeRO-3's hooks must not see it.
         object.__setattr__(attn, "sequence_attention", _Ulysses(group, repeat))
-    model.sequence_shard = (mpu.get_sequence_parallel_rank(), size)
+    model.sequence_shard = (rank, size)
+
+
+def deepspeed_config(ds_config: dict[str, Any], size: int) -> dict[str, Any]:
+    """The JSON as DeepSpeed must see it: data parallel over all ranks, so its batch counts
+    each sample once per rank of a group (the run's own global batch is the JSON's)."""
+    out = {k: v for k, v in ds_config.items() if k != KEY}
+    if size > 1 and "train_batch_size" in out:
+        out["train_batch_size"] = int(out["train_batch_size"]) * size
+    return out

@@ -330,13 +330,14 @@ class ArgonneModel(ArgonnePreTrainedModel):
             return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)
         if shard is None:
             return CausalLMOutput(loss=self.lm_head(self.norm(x), labels))
-        # This rank's share of the mean over the whole sequences: summed over the sequence-
-        # parallel group it is the loss of SP = 1.
+        # This rank's share of the mean over the whole sequences, times P: averaged over the
+        # group (as data parallelism averages every rank) it is the loss of SP = 1.
         mine, total = int((labels[:, lo:hi] != IGNORE_INDEX).sum()), int(
             (labels != IGNORE_INDEX).sum())
         if not mine:
             return CausalLMOutput(loss=x.sum() * 0.0)  # nothing to learn here; graph kept
-        return CausalLMOutput(loss=self.lm_head(self.norm(x), labels[:, lo:hi]) * (mine / total))
+        share = shard[1] * mine / total
+        return CausalLMOutput(loss=self.lm_head(self.norm(x), labels[:, lo:hi]) * share)
 
     def _forward_cached(self, input_ids: torch.Tensor, cache: list[list[torch.Tensor]] | None,
                         attention_mask: torch.Tensor | None) -> CausalLMOutput:
