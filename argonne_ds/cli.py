@@ -40,6 +40,12 @@ def _model_info(args: argparse.Namespace) -> int:
     print(format_model_info(source, info))
     for report in info.get("plans", {}).values():
         print(format_memory_report(f"{source} with {args.ds_config}", report))
+    if args.longest_context:
+        from argonne_ds.model.memory import format_longest_context
+
+        where = args.ds_config or "ds_configs/zero3.json"
+        print(format_longest_context(f"{source} with {where}", config, read_ds_config(where),
+                                     args.gpus or [8, 16, 32, 64], args.gpu_memory))
     return 0
 
 
@@ -231,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sample (default: the model's context length)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
                    help="memory of one GPU in GiB for the plan (default 80)")
+    p.add_argument("--longest-context", action="store_true",
+                   help="the longest sequence that fits per GPU count and sequence-parallel "
+                   "degree (with --ds-config, default ds_configs/zero3.json)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_model_info)
 

@@ -13,6 +13,10 @@ tests/test_memory_plan.py):
 with a bytes per activation (2 bf16/fp16, 4 fp32). Activation checkpointing keeps each block's
 input (C x a) and recomputes one block at a time in backward.
 
+Sequence parallelism (`sequence_parallel_size` P, engine/sequence.py) divides every term by P:
+each rank holds T/P positions of a sequence, and its attention the whole sequence on H/P heads
+(the same bytes); key/value heads replicated to P when fewer count P each.
+
 The loss path: training uses the chunked head + cross-entropy in every mode (model/loss.py; the
 pipeline's last stage too), which holds one chunk's logits at a time and the head weight's
 gradient in fp32 beside its cast. The plain path (whole logits, then cross-entropy) holds the
@@ -37,10 +41,11 @@ RESERVE_GIB = 3.0  # CUDA context (~0.5), NCCL (~1), allocator fragmentation
 HEADROOM = 0.10  # what "fits" leaves free
 
 
-def block_activation_bytes(config: ArgonneConfig, tokens: int, a: int) -> int:
-    """Bytes one block keeps for backward over `tokens` tokens, activations of `a` bytes."""
-    c, h, k, d = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                  config.head_dim)
+def block_activation_bytes(config: ArgonneConfig, tokens: int, a: int, sp: int = 1) -> int:
+    """Bytes one block keeps for backward over `tokens` tokens (this rank's: T/P of each
+    sequence under sequence parallelism `sp`), activations of `a` bytes."""
+    c, h, k, d = (config.hidden_size, config.num_attention_heads,
+                  max(config.num_key_value_heads, sp if sp > 1 else 0), config.head_dim)
     norms = 2 * (4 * c + 4 + 2 * c * a)
     attention = (2 * h + 2 * k) * d * a + 4 * h
     mlp = 4 * config.intermediate_size * a
@@ -48,11 +53,11 @@ def block_activation_bytes(config: ArgonneConfig, tokens: int, a: int) -> int:
 
 
 def activation_bytes(config: ArgonneConfig, blocks: int, tokens: int, a: int,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, sp: int = 1) -> int:
     """What `blocks` blocks hold from forward to backward over `tokens` tokens (one
     micro-batch): every saved tensor, or with checkpointing each block's input."""
     if not checkpointing:
-        return blocks * block_activation_bytes(config, tokens, a)
+        return blocks * block_activation_bytes(config, tokens, a, sp)
     return blocks * tokens * config.hidden_size * a
 
 
@@ -62,14 +67,15 @@ def final_norm_bytes(config: ArgonneConfig, tokens: int, a: int) -> int:
     return tokens * (4 * c + 4 + 2 * c * a)
 
 
-def backward_bytes(config: ArgonneConfig, tokens: int, a: int, checkpointing: bool) -> int:
+def backward_bytes(config: ArgonneConfig, tokens: int, a: int, checkpointing: bool,
+                   sp: int = 1) -> int:
     """The working set of one block's backward beyond what is held. Without checkpointing:
     the gradients of SwiGLU's two F-wide inputs and of two hidden-wide tensors at once. With
     it: the block's recomputed activations, and one F-wide gradient more (the recomputed
     tensors are freed as their gradients appear)."""
     c, f = config.hidden_size, config.intermediate_size
     if checkpointing:
-        return block_activation_bytes(config, tokens, a) + tokens * f * a
+        return block_activation_bytes(config, tokens, a, sp) + tokens * f * a
     return tokens * (2 * f + 2 * c) * a
 
 
@@ -89,14 +95,14 @@ def loss_path_bytes(config: ArgonneConfig, tokens: int, a: int, chunked: bool) -
 
 
 def step_activation_peak(config: ArgonneConfig, blocks: int, tokens: int, a: int,
-                         checkpointing: bool, loss: int, in_flight: int = 1) -> int:
+                         checkpointing: bool, loss: int, in_flight: int = 1, sp: int = 1) -> int:
     """Bytes above weights, gradients and optimizer at the peak of forward + backward: what is
     held (every micro-batch in flight) plus the larger of the loss path and one block's
-    backward, moments that never meet."""
-    held = in_flight * activation_bytes(config, blocks, tokens, a, checkpointing)
+    backward, moments that never meet. `tokens`: this rank's (T/P each under sp)."""
+    held = in_flight * activation_bytes(config, blocks, tokens, a, checkpointing, sp)
     if loss:  # the head's stage: its norm, one micro-batch in flight there
         held += final_norm_bytes(config, tokens, a)
-    work = backward_bytes(config, tokens, a, checkpointing) if blocks else 0
+    work = backward_bytes(config, tokens, a, checkpointing, sp) if blocks else 0
     return held + max(loss, work)
 
 
@@ -116,6 +122,7 @@ class Layout:
     offload_optimizer: bool
     prefetch: int = 0  # ZeRO-3 buffers, elements
     reduce_bucket: int = 0
+    sp: int = 1  # sequence_parallel_size: ranks sharing each sequence
 
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any], gpus: int) -> Layout:
@@ -135,9 +142,16 @@ class Layout:
         ckpt = (int(pipe.get("activation_checkpoint_interval", 0)) > 0 if mode == "pipeline"
                 else "activation_checkpointing" in ds)
         offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        sp = int(ds.get("sequence_parallel_size", 1) or 1)
+        if sp > 1 and (mode == "pipeline" or gpus % sp):
+            raise ValueError(f"sequence_parallel_size {sp}: needs ZeRO-3 or data parallel on a "
+                             f"multiple of {sp} GPUs")
+        if sp > 1:  # a group of sp ranks shares each sample: fewer replicas, more accumulation
+            accum = int(ds.get("gradient_accumulation_steps") or
+                        max(1, int(total or micro * dp) // (micro * dp // sp)))
         return cls(mode, gpus, stages, dp, micro, accum, 2 if half else 4, ckpt, stage, offload,
                    int(float(zero.get("stage3_prefetch_bucket_size", 5e7))) if stage == 3 else 0,
-                   int(float(zero.get("reduce_bucket_size", 5e8))) if stage == 3 else 0)
+                   int(float(zero.get("reduce_bucket_size", 5e8))) if stage == 3 else 0, sp)
 
 
 @dataclass
@@ -184,9 +198,10 @@ def plan(config: ArgonneConfig, ds: dict[str, Any], gpus: int, seq_len: int) -> 
     sample; a pipeline gives one plan per stage (1F1B keeps stage s's first S - s micro-batches
     in flight, at most the accumulation)."""
     lay = Layout.from_ds_config(ds, gpus)
-    a, tokens, ckpt = lay.act_bytes, lay.micro_batch * seq_len, lay.checkpointing
+    sp = lay.sp
+    a, tokens, ckpt = lay.act_bytes, lay.micro_batch * -(-seq_len // sp), lay.checkpointing
     c, v, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    backward = backward_bytes(config, tokens, a, ckpt) / GIB
+    backward = backward_bytes(config, tokens, a, ckpt, sp) / GIB
     if lay.mode == "pipeline":
         from argonne_ds.model.pipe import partition_bounds  # imports deepspeed
 
@@ -211,7 +226,7 @@ def plan(config: ArgonneConfig, ds: dict[str, Any], gpus: int, seq_len: int) -> 
                 backward if blocks else 0.0, buffers / GIB, RESERVE_GIB, in_flight, host))
         return out
     total = sum(pipeline_layer_params(config))
-    held = activation_bytes(config, L, tokens, a, ckpt) + final_norm_bytes(config, tokens, a)
+    held = activation_bytes(config, L, tokens, a, ckpt, sp) + final_norm_bytes(config, tokens, a)
     loss = loss_path_bytes(config, tokens, a, chunked=True) / GIB
     if lay.mode == "zero3":
         params = -(-total // gpus)
@@ -241,7 +256,8 @@ def memory_report(config: ArgonneConfig, ds: dict[str, Any], gpus: int, seq_len:
 def format_memory_report(name: str, report: dict[str, Any]) -> str:
     lay = report["layout"]
     how = (f"{lay['stages']} stages x {lay['dp']} data-parallel" if lay["mode"] == "pipeline"
-           else f"{lay['gpus']} GPUs")
+           else f"{lay['gpus']} GPUs" + (f", sequence parallel {lay['sp']}" if lay["sp"] > 1
+                                         else ""))
     lines = [
         f"memory per GPU: {lay['mode']}, {how}, micro-batch {lay['micro_batch']} x "
         f"{report['seq_len']} tokens, accumulation {lay['accumulation']}, "
@@ -264,4 +280,50 @@ def format_memory_report(name: str, report: dict[str, Any]) -> str:
     lines.append(f"  peak {report['peak_gib']:.1f} of {report['gpu_gib']:.0f} GiB: headroom "
                  f"{100 * report['headroom']:.0f} % -> {name} {verdict} (needs >= "
                  f"{100 * HEADROOM:.0f} % free)")
+    return "\n".join(lines)
+
+
+def longest_context(config: ArgonneConfig, ds: dict[str, Any], gpus: int, gpu_gib: float,
+                    sp: int, step: int = 1024, limit: int = 1 << 21) -> tuple[int, float] | None:
+    """The longest sequence (a multiple of `step`, at most `limit`) one sample of which per
+    micro-batch fits `gpus` GPUs with the headroom, at sequence parallelism `sp`: (tokens, peak
+    GiB), or None when not even `step` fits."""
+    trial = {**ds, "sequence_parallel_size": sp, "train_micro_batch_size_per_gpu": 1}
+    trial.pop("train_batch_size", None)
+    trial.setdefault("gradient_accumulation_steps", 1)
+
+    def peak(tokens: int) -> dict[str, Any]:
+        return memory_report(config, trial, gpus, tokens, gpu_gib)
+
+    if not peak(step)["fits"]:
+        return None
+    lo, hi = 1, 2  # in steps: lo fits, hi is the first to test
+    while hi * step <= limit and peak(hi * step)["fits"]:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit // step + 1)
+    while hi - lo > 1:  # lo fits, hi does not (or is past the limit)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if peak(mid * step)["fits"] else (lo, mid)
+    return lo * step, peak(lo * step)["peak_gib"]
+
+
+def sequence_degrees(config: ArgonneConfig, gpus: int) -> list[int]:
+    """The sequence-parallel degrees the model takes on `gpus` GPUs (engine/sequence.py)."""
+    h, k = config.num_attention_heads, config.num_key_value_heads
+    return [p for p in range(1, gpus + 1)
+            if gpus % p == 0 and h % p == 0 and (k % p == 0 or p % k == 0)]
+
+
+def format_longest_context(name: str, config: ArgonneConfig, ds: dict[str, Any],
+                           gpu_counts: list[int], gpu_gib: float) -> str:
+    lines = [f"longest context that fits ({name}, micro-batch 1, {gpu_gib:.0f} GiB GPUs, "
+             f"{100 * HEADROOM:.0f} % headroom), by sequence-parallel degree:",
+             f"  {'GPUs':>5}  {'SP':>3}  {'tokens':>10}  {'peak GiB':>8}"]
+    for gpus in gpu_counts:
+        for sp in sequence_degrees(config, gpus):
+            found = longest_context(config, ds, gpus, gpu_gib, sp)
+            tokens, peak = (f"{found[0]:,}", f"{found[1]:.1f}") if found else ("none", "-")
+            if found and found[0] >= 1 << 21:
+                tokens = f">={found[0]:,}"  # the search's limit
+            lines.append(f"  {gpus:>5}  {sp:>3}  {tokens:>10}  {peak:>8}")
     return "\n".join(lines)
