@@ -201,6 +201,8 @@ def _eval(args: argparse.Namespace) -> int:
               f"{result['tokens']:,} tokens in {result['blocks']:,} blocks of "
               f"{result['block_size']} | {result['tokens_per_s']:,.0f} tok/s on "
               f"{result['device']} in {result['dtype']}")
+        print("[eval] loss by position: " + " | ".join(
+            f"{k} {v:.4f}" for k, v in result["by_position"].items()))
     return 0
 
 

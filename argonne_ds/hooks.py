@@ -248,9 +248,15 @@ class HeldOutEval:
             loss = self.job.engine.eval_loss(batches)
             key = f"eval_loss/{name}" if name else "eval_loss"
             record[key] = loss
+            # By position (not under a pipeline): does the loss past the old context fall?
+            by_position = self.job.engine.eval_by_position(batches) or {}
+            record |= {f"{key}_pos/{span}": v for span, v in by_position.items()}
             if not name:
                 record["eval_ppl"] = ppl = math.exp(min(loss, 50))
                 parts.append(f"held-out loss {loss:.4f} | perplexity {ppl:,.1f}")
+                if by_position:
+                    parts.append("by position " + ", ".join(
+                        f"{span} {v:.3f}" for span, v in by_position.items()))
             else:
                 parts.append(f"{name} {loss:.4f}")
         self.job.sink.log(record)

@@ -1,4 +1,5 @@
-"""`argonne-ds eval`: token-weighted loss over every block of the held-out data, exactly once."""
+"""`argonne-ds eval`: token-weighted loss over every block of the held-out data, exactly once,
+and by position."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def test_eval_covers_every_block_once(tmp_path: Path, capsys) -> None:
         ref = model(blocks[:, :-1], labels=blocks[:, 1:]).loss.item()
     assert result["blocks"] == n and n % 7  # the last batch was partial
     assert math.isclose(result["loss"], ref, rel_tol=1e-5)
+    # By position: the whole logits' per-token cross-entropy, averaged per bucket by hand.
+    with torch.no_grad():
+        per = torch.nn.functional.cross_entropy(
+            model(blocks[:, :-1]).logits.float().transpose(1, 2), blocks[:, 1:],
+            reduction="none")  # (n, 16)
+    expected = {f"{a}-{b - 1}": per[:, a:b].mean().item() for a, b in
+                ((0, 2), (2, 4), (4, 8), (8, 16))}
+    assert result["by_position"] == pytest.approx(expected, rel=1e-5)
     # The CLI on an HF folder gives the same figure.
     hf = tmp_path / "hf"
     from transformers import AutoModelForCausalLM, AutoTokenizer

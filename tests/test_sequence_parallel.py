@@ -52,7 +52,7 @@ def _train(rank: int, world: int, sp: int, model: dict, zero: int = 3) -> dict:
     held_out = [next(_batches(engine.dp_rank, engine.dp_world))]
     return {"losses": losses, "norms": [r.grad_norm for r in results],
             "dp": (engine.dp_rank, engine.dp_world), "shard": engine.module.sequence_shard,
-            "eval": engine.eval_loss(held_out)}
+            "eval": engine.eval_loss(held_out), "by_position": engine.eval_by_position(held_out)}
 
 
 def losses(world: int, sp: int, model: dict, zero: int = 3) -> list[dict]:
@@ -75,6 +75,8 @@ def test_sp2_on_2_ranks_gives_the_single_rank_losses(single: dict) -> None:
         assert r["losses"] == pytest.approx(single["losses"], abs=1e-5), (r, single)
         assert r["norms"] == pytest.approx(single["norms"], rel=1e-5), (r, single)
         assert r["eval"] == pytest.approx(single["eval"], abs=1e-5)
+        assert r["by_position"] == pytest.approx(single["by_position"], abs=1e-5)
+    assert list(single["by_position"]) == ["0-3", "4-7", "8-15", "16-31"]
     assert single["losses"][-1] < single["losses"][0]  # it trains: not a comparison of constants
 
 
@@ -164,6 +166,7 @@ def _measured_peaks(rank: int, world: int) -> list[int]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_the_memory_plan_follows_sequence_parallelism_on_measured_peaks() -> None:
     """2048 tokens on 2 ranks, one key/value head replicated: each rank's measured peak (torch's
     MemTracker, the all-to-alls included) against the plan's terms at T/P, within 15 %."""

@@ -26,6 +26,7 @@ from argonne_ds.engine.collectives import Collectives, Sampling
 from argonne_ds.engine.distributed import init_distributed
 from argonne_ds.engine.ds_config import COMPILE_KEY, compile_options, engine_mode
 from argonne_ds.engine.state import init_weights_by_name, load_plain_state, load_portable
+from argonne_ds.model.loss import position_buckets
 from argonne_ds.model.model import ArgonneBlock, ArgonneModel, RMSNorm, compile_blocks
 from argonne_ds.model.pipe import build_pipeline_module, pipeline_batches
 from argonne_ds.schedule import LRShape, WSDSchedule, start_scheduler
@@ -310,6 +311,27 @@ class Engine(Collectives, Sampling):
         dist.all_reduce(loss, group=self.engine.data_parallel_group)
         self.engine.train()
         return float(loss) / self.engine.dp_world_size
+
+    @torch.no_grad()
+    def eval_by_position(self, batches: list[Batch]) -> dict[str, float] | None:
+        """The held-out loss per position bucket (model/loss.position_buckets), the same on
+        every rank; None under a pipeline (its last stage computes the mean only)."""
+        if self.mode == "pipeline" or not batches:
+            return None
+        self.engine.eval()
+        T = batches[0][0].shape[1]
+        sums = torch.zeros(2, T, dtype=torch.float64)
+        for x, y in batches:
+            losses = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device),
+                                 per_token=True).loss.double().cpu()
+            valid = (y != -100).double()
+            sums[0] += (losses * valid).sum(0)
+            sums[1] += valid.sum(0)
+        sums = sums.to(self.device)
+        dist.all_reduce(sums)  # a sequence-parallel group's ranks add the same: ratios hold
+        self.engine.train()
+        return {f"{a}-{b - 1}": float(sums[0, a:b].sum() / sums[1, a:b].sum().clamp(min=1))
+                for a, b in position_buckets(T)}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any],

@@ -87,11 +87,37 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
 
 
+@torch.no_grad()
+def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """hidden (B, T, C) -> each position's cross-entropy (B, T) in fp32, 0 where the label is
+    -100; a chunk's logits at a time (evaluation: no gradient)."""
+    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    out = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        logits = (h[s:s + chunk] @ weight.t()).float()
+        yc = y[s:s + chunk]
+        out[s:s + chunk] = torch.nn.functional.cross_entropy(
+            logits, yc, ignore_index=IGNORE_INDEX, reduction="none")
+    return out.reshape(labels.shape)
+
+
+def position_buckets(T: int) -> list[tuple[int, int]]:
+    """[0, T/8), [T/8, T/4), [T/4, T/2), [T/2, T): after a 4k -> 32k extension, the first is
+    the old context and the rest what the extension added."""
+    edges = sorted({0, T // 8, T // 4, T // 2, T})
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
 class LMHead(torch.nn.Linear):
     """The output projection; with labels it returns the loss, computed in chunks (inside the
-    module's forward, so ZeRO-3 gathers the weight for it as for the logits)."""
+    module's forward, so ZeRO-3 gathers the weight for it as for the logits); with
+    `per_token`, each position's loss (B, T) instead (evaluation)."""
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                per_token: bool = False) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
+        if per_token:
+            return token_cross_entropy(x, self.weight, labels)
         return linear_cross_entropy(x, self.weight, labels)

@@ -290,10 +290,12 @@ class ArgonneModel(ArgonnePreTrainedModel):
         labels: torch.Tensor | None = None,
         cache: list[list[torch.Tensor]] | None = None,
         attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
         **_: object,
     ) -> CausalLMOutput:
         """input_ids (B, T) int64 -> logits (B, T, V); with labels (B, T), the loss instead (the
-        head and cross-entropy in chunks, never the whole logits: model/loss.py).
+        head and cross-entropy in chunks, never the whole logits: model/loss.py); with
+        `per_token` too, each position's loss (B, T) (evaluation, unsharded).
         Generation passes `cache` (one [k, v] list per block, filled in place) and
         `attention_mask` (B, S): 1 for real tokens of all S positions so far, 0 for left pads."""
         if cache is not None or attention_mask is not None:
@@ -307,7 +309,7 @@ class ArgonneModel(ArgonnePreTrainedModel):
             )
         # Sequence parallelism (engine/sequence.py): this rank computes positions lo..hi-1 of
         # each sequence; documents and the loss's token count are of the whole sequence.
-        shard = self.sequence_shard if labels is not None else None
+        shard = self.sequence_shard if labels is not None and not per_token else None
         lo, hi = (0, T) if shard is None else (shard[0] * T // shard[1],
                                               (shard[0] + 1) * T // shard[1])
         x = self.embed_tokens(input_ids[:, lo:hi])  # (B, T', C)
@@ -328,8 +330,8 @@ class ArgonneModel(ArgonnePreTrainedModel):
                 x = block(x, cos, sin, docs=docs, sharded=sharded)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(self.norm(x)))  # (B, T, V)
-        if shard is None:
-            return CausalLMOutput(loss=self.lm_head(self.norm(x), labels))
+        if shard is None:  # with per_token: each position's loss (B, T), for evaluation
+            return CausalLMOutput(loss=self.lm_head(self.norm(x), labels, per_token))
         # This rank's share of the mean over the whole sequences, times P: averaged over the
         # group (as data parallelism averages every rank) it is the loss of SP = 1.
         mine, total = int((labels[:, lo:hi] != IGNORE_INDEX).sum()), int(
