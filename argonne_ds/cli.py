@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from argonne_ds.run_config import DEFAULT_CACHE_DIR, SECTIONS, DataConfig
 from argonne_ds.run_options import add_flags, given
@@ -189,7 +190,11 @@ def _eval(args: argparse.Namespace) -> int:
     from argonne_ds.evaluate import evaluate
     from argonne_ds.generate import load_for_generation
 
+    if not args.probe and not args.data_glob:
+        raise ValueError("eval needs --data-glob (held-out shards) or --probe retrieval")
     model, tok = load_for_generation(args.model_path, args.checkpoint, args.device, args.dtype)
+    if args.probe:
+        return _probe(args, model, tok)
     data = DataConfig(**given(args, DataConfig), tokenizer_path=tok.name_or_path)
     data.block_size = min(data.block_size, model.config.max_position_embeddings)
     result = evaluate(model, data, args.batch_size, args.max_batches,
@@ -203,6 +208,27 @@ def _eval(args: argparse.Namespace) -> int:
               f"{result['device']} in {result['dtype']}")
         print("[eval] loss by position: " + " | ".join(
             f"{k} {v:.4f}" for k, v in result["by_position"].items()))
+    return 0
+
+
+def _probe(args: argparse.Namespace, model: Any, tok: Any) -> int:
+    from argonne_ds.generate import SamplingConfig, generate_text
+    from argonne_ds.probe import retrieval_probe
+
+    longest = max(args.probe_lengths) + 12
+    if longest > model.config.max_position_embeddings and model.config.rope_type != "dynamic":
+        raise ValueError(f"--probe-lengths {max(args.probe_lengths)} (+12 answer tokens) exceeds "
+                         f"the model's context ({model.config.max_position_embeddings})")
+    sampling = SamplingConfig(max_new_tokens=12, greedy=True)
+    result = retrieval_probe(
+        lambda prompts: generate_text(model, tok, prompts, sampling, args.batch_size),
+        lambda text: tok(text, add_special_tokens=False)["input_ids"], args.probe_lengths,
+        args.probe_depths, args.probe_samples)
+    if args.json:
+        print(json.dumps({"probe": "retrieval", "accuracy": result}, indent=1))
+    else:
+        print("[probe] retrieval accuracy (length@depth): " + " | ".join(
+            f"{k} {v:.2f}" for k, v in result.items()))
     return 0
 
 
@@ -273,9 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("eval", help="loss and perplexity on held-out shards")
+    p = sub.add_parser("eval", help="loss and perplexity on held-out shards (by position too), "
+                       "or a synthetic retrieval probe")
     _add_model_source(p)
-    add_flags(p, DataConfig, only=EVAL_DATA, required=("data_glob",))
+    add_flags(p, DataConfig, only=EVAL_DATA)
+    p.add_argument("--probe", choices=("retrieval",),
+                   help="instead of held-out shards: a key planted at depths of a long "
+                   "distractor text (probe.py)")
+    p.add_argument("--probe-lengths", type=int, nargs="+", default=[1024],
+                   metavar="TOKENS")
+    p.add_argument("--probe-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--probe-samples", type=int, default=4, help="prompts per length and depth")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
     p.add_argument("--no-progress", action="store_true")

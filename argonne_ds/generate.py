@@ -80,16 +80,23 @@ def generate_ids(model: ArgonneModel, prompts: list[list[int]], sampling: Sampli
     return out
 
 
-def generate_text(model: ArgonneModel, tok: Any, prompts: list[str], sampling: SamplingConfig,
-                  batch_size: int = 8) -> list[str]:
-    """Continuations of `prompts`, batch by batch; stops at the tokenizer's eos/separator."""
+def stop_and_pad(tok: Any) -> tuple[set[int], int]:
+    """The tokenizer's eos/separator ids, and the id left padding uses."""
     stop = {t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>"))
             if isinstance(t, int) and t >= 0 and t != tok.unk_token_id}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop), 0)
+    return stop, tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop), 0)
+
+
+def generate_text(model: ArgonneModel, tok: Any, prompts: list[str] | list[list[int]],
+                  sampling: SamplingConfig, batch_size: int = 8) -> list[str]:
+    """Continuations of `prompts` (texts, or token ids), batch by batch; stops at the
+    tokenizer's eos/separator."""
+    stop, pad = stop_and_pad(tok)
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] or [pad] for p in chunk]
+        encoded = [p if isinstance(p, list) else tok(p, add_special_tokens=False)["input_ids"]
+                   or [pad] for p in chunk]
         for new in generate_ids(model, encoded, sampling, stop, pad):
             texts.append(tok.decode([t for t in new if t not in stop]))
     return texts
