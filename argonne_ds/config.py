@@ -80,6 +80,7 @@ class ArgonneConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_flash_attention: bool = True,
         use_gradient_checkpointing: bool = False,
+        mlp_tiles: int = 1,
         document_masking: bool = False,
         document_positions: bool = False,
         document_separator_id: int | None = None,
@@ -117,6 +118,9 @@ class ArgonneConfig(PretrainedConfig):
         self.initializer_range = float(initializer_range)
         self.use_flash_attention = bool(use_flash_attention)
         self.use_gradient_checkpointing = bool(use_gradient_checkpointing)
+        # The MLP run in this many pieces along the sequence, each recomputed in backward: its
+        # 4 x intermediate-wide activations are never all held (long context; model/layers.py).
+        self.mlp_tiles = int(mlp_tiles)
         # Packed blocks hold several documents, each ended by the separator: attend only within
         # a document, and/or restart the RoPE positions at each document (model.py).
         self.document_masking = bool(document_masking)
@@ -150,6 +154,7 @@ class ArgonneConfig(PretrainedConfig):
         need(self.head_dim > 0 and self.head_dim % 2 == 0,
              f"head_dim must be a positive even number for RoPE, got {self.head_dim}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.mlp_tiles >= 1, f"mlp_tiles must be >= 1, got {self.mlp_tiles}")
         self._validate_rope(need)
         for name in ("attention_dropout", "hidden_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")

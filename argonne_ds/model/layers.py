@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from argonne_ds.config import ArgonneConfig
 
@@ -146,6 +147,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)). With config.mlp_tiles = n > 1 (training), in n pieces along
+    the sequence, each under a non-reentrant checkpoint: backward recomputes one piece at a
+    time, so the four F-wide activations are held for T/n positions at most, never for all T
+    (ALST's TiledMLP, in plain PyTorch). The same numbers either way."""
+
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__()
         c, f = config.hidden_size, config.intermediate_size
@@ -153,9 +159,16 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(c, f, bias=False)
         self.down_proj = nn.Linear(f, c, bias=False)
         self.down_proj.is_residual_proj = True
+        self.tiles = config.mlp_tiles
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.tiles > 1 and torch.is_grad_enabled() and x.shape[1] >= self.tiles:
+            return torch.cat([checkpoint(self._mlp, part, use_reentrant=False)
+                              for part in x.chunk(self.tiles, dim=1)], dim=1)  # (B, T, C)
+        return self._mlp(x)
 
 
 def sequence_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

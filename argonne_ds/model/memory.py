@@ -13,6 +13,10 @@ tests/test_memory_plan.py):
 with a bytes per activation (2 bf16/fp16, 4 fp32). Activation checkpointing keeps each block's
 input (C x a) and recomputes one block at a time in backward.
 
+A tiled MLP (`mlp_tiles` n, model/layers.py) holds none of its four F-wide tensors: backward
+recomputes them one piece of T/n positions at a time (the gradient of two hidden-wide tensors
+for all T beside one piece's six F-wide ones).
+
 Sequence parallelism (`sequence_parallel_size` P, engine/sequence.py) divides every term by P:
 each rank holds T/P positions of a sequence, and its attention the whole sequence on H/P heads
 (the same bytes); key/value heads replicated to P when fewer count P each.
@@ -48,7 +52,7 @@ def block_activation_bytes(config: ArgonneConfig, tokens: int, a: int, sp: int =
                   max(config.num_key_value_heads, sp if sp > 1 else 0), config.head_dim)
     norms = 2 * (4 * c + 4 + 2 * c * a)
     attention = (2 * h + 2 * k) * d * a + 4 * h
-    mlp = 4 * config.intermediate_size * a
+    mlp = 4 * config.intermediate_size * a if config.mlp_tiles <= 1 else 0  # tiled: recomputed
     return tokens * (norms + attention + mlp)
 
 
@@ -74,6 +78,10 @@ def backward_bytes(config: ArgonneConfig, tokens: int, a: int, checkpointing: bo
     it: the block's recomputed activations, and one F-wide gradient more (the recomputed
     tensors are freed as their gradients appear)."""
     c, f = config.hidden_size, config.intermediate_size
+    tile = -(-tokens // config.mlp_tiles)  # tiled: one piece's MLP recomputed at a time
+    if config.mlp_tiles > 1:
+        return (block_activation_bytes(config, tokens, a, sp) if checkpointing else 0) + \
+            tokens * 2 * c * a + tile * 6 * f * a
     if checkpointing:
         return block_activation_bytes(config, tokens, a, sp) + tokens * f * a
     return tokens * (2 * f + 2 * c) * a
