@@ -248,7 +248,7 @@ class HeldOutEval:
             loss = self.job.engine.eval_loss(batches)
             key = f"eval_loss/{name}" if name else "eval_loss"
             record[key] = loss
-            # By position (not under a pipeline): does the loss past the old context fall?
+            # By position: does the loss past the old context fall?
             by_position = self.job.engine.eval_by_position(batches) or {}
             record |= {f"{key}_pos/{span}": v for span, v in by_position.items()}
             if not name:

@@ -16,7 +16,14 @@ import pytest
 import yaml
 
 from argonne_ds.checkpoint import store as ckpt
-from tests.train_helpers import run, run_until_step_then, steps, train_cmd, with_launcher
+from tests.train_helpers import (
+    read_metrics,
+    run,
+    run_until_step_then,
+    steps,
+    train_cmd,
+    with_launcher,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 N, BOUNDARY = 8, 4  # 64-token blocks from step 5; saves every 2 steps
@@ -39,7 +46,8 @@ def config(ws: dict[str, str], path: Path, phases: list[dict]) -> Path:
 def cmd(ws: dict[str, str], out: Path, cfg: Path, *extra: str) -> list[str]:
     c = train_cmd(ws, "cpu_pipeline.json", out, "--config", str(cfg), "--global-batch-size",
                   "8", "--batch-size", "2", "--shuffle-window", "8", "--save-interval", "2",
-                  "--max-steps", str(N), *extra)
+                  "--max-steps", str(N), "--eval-interval", "4", "--eval-data-glob",
+                  str(Path(ws["glob"]).parent / "part_10.parquet"), *extra)
     i = c.index("--data-glob")
     del c[i:i + 2]  # the sources replace it
     return with_launcher(c, num_gpus="2")
@@ -91,6 +99,12 @@ def test_the_extension_relaunches_with_the_new_context(reference) -> None:
         "rope_theta": 500000.0}
     early = json.loads((out / "checkpoints" / ckpt.tag_for(BOUNDARY) / ckpt.MARKER).read_text())
     assert early["model"]["rope_parameters"]["rope_type"] == "default"
+    # The held-out loss by position, at each phase's block size: 32 tokens, then 64.
+    evals = {r["step"]: r for r in read_metrics(out) if r.get("event") == "eval"}
+    assert [k for k in evals[4] if "_pos/" in k] == [
+        f"eval_loss_pos/{s}" for s in ("0-3", "4-7", "8-15", "16-31")]
+    assert [k for k in evals[8] if "_pos/" in k] == [
+        f"eval_loss_pos/{s}" for s in ("0-7", "8-15", "16-31", "32-63")]
 
 
 def test_sigkill_inside_the_new_phase_resumes_exactly(ws, reference, tmp_path: Path) -> None:

@@ -315,18 +315,36 @@ class Engine(Collectives, Sampling):
     @torch.no_grad()
     def eval_by_position(self, batches: list[Batch]) -> dict[str, float] | None:
         """The held-out loss per position bucket (model/loss.position_buckets), the same on
-        every rank; None under a pipeline (its last stage computes the mean only)."""
-        if self.mode == "pipeline" or not batches:
+        every rank. A pipeline's head returns each position's loss on the last stage."""
+        if not batches:
             return None
         self.engine.eval()
         T = batches[0][0].shape[1]
         sums = torch.zeros(2, T, dtype=torch.float64)
+        head = self._stage_head() if self.mode == "pipeline" else None
         for x, y in batches:
-            losses = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device),
-                                 per_token=True).loss.double().cpu()
+            if self.mode == "pipeline":
+                self.engine.reset_activation_shape()
+                if head is not None:
+                    head.per_token = True
+                try:
+                    out = self.engine.eval_batch(pipeline_batches([(x, y)]), return_logits=True,
+                                                 num_micro_batches=1)
+                finally:
+                    if head is not None:
+                        head.per_token = False
+                self.engine.total_loss = None
+                if not self.engine.is_last_stage():
+                    continue  # the last stage adds its replica's positions
+                losses = out[1].double().cpu()
+            else:
+                losses = self.engine(x.to(self.engine.device), labels=y.to(self.engine.device),
+                                     per_token=True).loss.double().cpu()
             valid = (y != -100).double()
             sums[0] += (losses * valid).sum(0)
             sums[1] += valid.sum(0)
+        if self.mode == "pipeline":
+            self.engine.reset_activation_shape()
         sums = sums.to(self.device)
         dist.all_reduce(sums)  # a sequence-parallel group's ranks add the same: ratios hold
         self.engine.train()

@@ -126,20 +126,28 @@ class NormPipe(RMSNorm):
 
 class HeadPipe(LMHead):
     """The head and the loss (model/loss.py's chunks) in one forward; logits instead while
-    `return_logits` is set (generation)."""
+    `return_logits` is set (generation), each position's loss while `per_token` is (the
+    held-out loss by position)."""
 
     def __init__(self, config: ArgonneConfig) -> None:
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
         self.return_logits = False
+        self.per_token = False
         _init(self, config)
 
     def forward(self, inputs: Payload) -> torch.Tensor:  # type: ignore[override]
         x, labels = inputs
-        return super().forward(x) if self.return_logits else super().forward(x, labels)
+        if self.return_logits:
+            return super().forward(x)
+        return super().forward(x, labels, self.per_token)
 
 
 def pipeline_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The module's loss_fn: the head's loss as it is, or the loss of the logits it returned."""
+    """The module's loss_fn: the head's loss as it is, the mean of per-position losses (B, T),
+    or the loss of the logits (B, T, V) it returned."""
+    if outputs.dim() == 2:
+        valid = labels != -100
+        return (outputs * valid).sum() / valid.sum().clamp(min=1)
     return outputs if outputs.dim() == 0 else causal_lm_loss(outputs, labels)
 
 
