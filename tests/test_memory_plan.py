@@ -161,6 +161,7 @@ def test_argonne2_balance_on_4_and_8_stages():
     assert balance(flops, eight) == pytest.approx(0.857, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["keep", "recompute"])
 def test_a_tiled_mlp_gives_the_same_gradients_and_the_plan_its_peak(checkpointing):
     """mlp_tiles 4: the loss and every gradient as untiled (fp32), and the measured peak within

@@ -62,6 +62,7 @@ def test_an_oracle_scores_one_and_a_wrong_answer_zero(tok) -> None:
         examples(encode, 300, 1.5, 1)
 
 
+@pytest.mark.slow
 def test_the_cli_runs_the_probe_on_an_exported_model(tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
