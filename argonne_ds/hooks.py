@@ -245,11 +245,10 @@ class HeldOutEval:
         record: dict[str, Any] = {"step": state.step, "event": "eval"}
         parts = []
         for name, batches in self.batches.items():
-            loss = self.job.engine.eval_loss(batches)
+            # The loss, and by position (does the loss past the old context fall?), one pass.
+            loss, by_position = self.job.engine.eval_by_position(batches)
             key = f"eval_loss/{name}" if name else "eval_loss"
             record[key] = loss
-            # By position: does the loss past the old context fall?
-            by_position = self.job.engine.eval_by_position(batches) or {}
             record |= {f"{key}_pos/{span}": v for span, v in by_position.items()}
             if not name:
                 record["eval_ppl"] = ppl = math.exp(min(loss, 50))

@@ -313,11 +313,12 @@ class Engine(Collectives, Sampling):
         return float(loss) / self.engine.dp_world_size
 
     @torch.no_grad()
-    def eval_by_position(self, batches: list[Batch]) -> dict[str, float] | None:
-        """The held-out loss per position bucket (model/loss.position_buckets), the same on
-        every rank. A pipeline's head returns each position's loss on the last stage."""
-        if not batches:
-            return None
+    def eval_by_position(self, batches: list[Batch]) -> tuple[float, dict[str, float]]:
+        """The held-out loss over `batches` (this rank's share; token-weighted) and per
+        position bucket (model/loss.position_buckets), from one pass, the same on every rank.
+        A pipeline's head returns each position's loss on the last stage."""
+        if not batches:  # --eval-batches 0: nothing held out (eval_loss's 0.0, as before)
+            return 0.0, {}
         self.engine.eval()
         T = batches[0][0].shape[1]
         sums = torch.zeros(2, T, dtype=torch.float64)
@@ -348,8 +349,9 @@ class Engine(Collectives, Sampling):
         sums = sums.to(self.device)
         dist.all_reduce(sums)  # a sequence-parallel group's ranks add the same: ratios hold
         self.engine.train()
-        return {f"{a}-{b - 1}": float(sums[0, a:b].sum() / sums[1, a:b].sum().clamp(min=1))
-                for a, b in position_buckets(T)}
+        mean = float(sums[0].sum() / sums[1].sum().clamp(min=1))
+        return mean, {f"{a}-{b - 1}": float(sums[0, a:b].sum() / sums[1, a:b].sum().clamp(min=1))
+                      for a, b in position_buckets(T)}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str | Path, tag: str, client_state: dict[str, Any],
