@@ -19,6 +19,7 @@ from argonne_ds.checkpoint import store as ckpt
 from tests.train_helpers import (
     read_metrics,
     run,
+    run_expect_fail,
     run_until_step_then,
     steps,
     train_cmd,
@@ -124,7 +125,7 @@ def test_a_started_extension_and_the_context_outside_a_phase_cannot_change(
     out = tmp_path / "changed"
     shutil.copytree(ref, out)
     longer = config(ws, tmp_path / "longer.yaml", [SHORT, {**LONG, "block_size": 128}])
-    err = run_fail(cmd(ws, out, longer, "--max-steps", str(N + 2)))
+    err = run_expect_fail(cmd(ws, out, longer, "--max-steps", str(N + 2)))
     assert "was trained with another context than this run gives step 8" in err
     assert "'max_position_embeddings': (64, 128)" in err and "a started phase" in err
     theta = tmp_path / "theta.json"
@@ -132,14 +133,6 @@ def test_a_started_extension_and_the_context_outside_a_phase_cannot_change(
     theta.write_text(json.dumps({**model, "rope_theta": 10000.0}))
     shutil.rmtree(out)
     shutil.copytree(boundary, out)  # step 4, still in the short phase
-    err = run_fail(cmd(ws, out, cfg, "--model", str(theta)))
+    err = run_expect_fail(cmd(ws, out, cfg, "--model", str(theta)))
     assert "than this run gives step 4" in err and "not in the model config" in err
     assert steps(out) == steps(boundary)  # nothing trained, nothing written
-
-
-def run_fail(command: list[str]) -> str:
-    try:
-        run(command, timeout=120)
-    except AssertionError as e:
-        return str(e)
-    raise AssertionError("the job should have failed")

@@ -23,6 +23,7 @@ from tests.train_helpers import (
     ROOT,
     read_metrics,
     run,
+    run_expect_fail,
     run_until_step_then,
     start_job,
     steps,
@@ -205,14 +206,6 @@ def test_a_bad_source_stops_before_anything_is_written(ws, tmp_path: Path) -> No
     proc = run_expect_fail(cmd(ws, "cpu_pipeline.json", out, cfg, ranks=1))
     assert "phase 'anneal' names source 'books', which data.sources does not define" in proc
     assert not out.exists()
-
-
-def run_expect_fail(command: list[str]) -> str:
-    try:
-        run(command, timeout=120)
-    except AssertionError as e:
-        return str(e)
-    raise AssertionError("the job should have failed")
 
 
 def test_the_example_config_runs_on_the_sample_corpus(tmp_path: Path) -> None:

@@ -89,6 +89,15 @@ def run(cmd: list[str], timeout: float = 240, extra_env: dict[str, str] | None =
     return proc
 
 
+def run_expect_fail(command: list[str], timeout: float = 120) -> str:
+    """Run a job that must fail; its output (stdout and stderr tails)."""
+    try:
+        run(command, timeout=timeout)
+    except AssertionError as e:
+        return str(e)
+    raise AssertionError("the job should have failed")
+
+
 def start_job(cmd: list[str], extra_env: dict[str, str] | None = None) -> LocalJob:
     """A local job (train_cmd's default) started in the background."""
     assert cmd[0] == LOCAL, "start_job takes a local job's command"

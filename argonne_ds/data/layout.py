@@ -27,6 +27,22 @@ from argonne_ds.data import DataError
 from argonne_ds.data.encoding import TOKEN_DTYPE
 
 
+class RandomAccess:
+    """A source whose every block is a pure function of its sample index (the token cache):
+    nothing to release, no position to save; a resume is a seek."""
+
+    mode = "cache"
+
+    def release(self, g: int) -> None:
+        pass
+
+    def state_dict(self, g: int) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], g: int) -> None:
+        pass
+
+
 class Store(Protocol):
     def __len__(self) -> int: ...
     def read(self, start: int, stop: int) -> np.ndarray: ...
@@ -151,12 +167,10 @@ class Segment:
     n_native: int
 
 
-class PhasedBlocks:
+class PhasedBlocks(RandomAccess):
     """A cached source whose block size changes at given source samples (data/mixture.py counts
     them per source at each context phase's start). Before the first change it is exactly
     `CachedBlocks`; `sample(k)` returns the tokens, or (tokens, masked label positions)."""
-
-    mode = "cache"
 
     def __init__(self, store: Store, changes: Sequence[tuple[int, int]], seed: int,
                  shuffle_window: int) -> None:
@@ -228,12 +242,3 @@ class PhasedBlocks:
         if len(cut.key) == 2:  # native (seed, epoch): the whole epoch
             return epoch + i / cut.n
         return epoch + 1 - (cut.n - i) * cut.T / max(self.n_tokens - 1, 1)
-
-    def release(self, g: int) -> None:
-        pass
-
-    def state_dict(self, g: int) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any], g: int) -> None:
-        pass

@@ -51,10 +51,8 @@ def _too_short(n_tokens: int, block_size: int) -> DataError:
                      f"{block_size + 1} (block_size + 1); add shards or lower the block size")
 
 
-class CachedBlocks:
+class CachedBlocks(layout.RandomAccess):
     """Blocks straight from the memory-mapped cache: any block in O(1)."""
-
-    mode = "cache"
 
     def __init__(self, index: CacheIndex, block_size: int, seed: int, shuffle_window: int) -> None:
         self.index = index
@@ -76,15 +74,6 @@ class CachedBlocks:
             self._orders = {key: window_order(self.seed, epoch, j, size, self.shuffle)}
         b = j * self.window + int(self._orders[key][slot])
         return self.store.read(b * self.T, b * self.T + self.T + 1)
-
-    def release(self, g: int) -> None:
-        pass
-
-    def state_dict(self, g: int) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any], g: int) -> None:
-        pass
 
 
 class StreamedBlocks:
