@@ -262,6 +262,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+HF_ONLY = ("model_type", "architectures", "transformers_version")  # not ArgonneConfig's
+
+
 def load_model_config(name_or_path: str | Path, **overrides: Any) -> ArgonneConfig:
     """A preset name, a JSON file, or a directory holding `config.json`; `overrides` win."""
     key = str(name_or_path)
@@ -279,7 +282,7 @@ def load_model_config(name_or_path: str | Path, **overrides: Any) -> ArgonneConf
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"model config {path} is not valid JSON: {e}") from e
-    for hf_only in ("model_type", "architectures", "transformers_version"):
+    for hf_only in HF_ONLY:
         data.pop(hf_only, None)
     return ArgonneConfig(**{**data, **overrides})
 
@@ -292,7 +295,7 @@ def with_context(config: ArgonneConfig, block_size: int,
     the run trained at before, else the model's). No weight depends on either, so the same
     checkpoint loads into it."""
     data = config.to_dict()
-    for hf_only in ("model_type", "architectures", "transformers_version", "rope_scaling"):
+    for hf_only in (*HF_ONLY, "rope_scaling"):  # rope_parameters holds it
         data.pop(hf_only, None)
     data["max_position_embeddings"] = max(config.max_position_embeddings, block_size)
     if rope_parameters is not None:

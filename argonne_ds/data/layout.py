@@ -27,6 +27,11 @@ from argonne_ds.data import DataError
 from argonne_ds.data.encoding import TOKEN_DTYPE
 
 
+def too_short(n_tokens: int, block_size: int) -> DataError:
+    return DataError(f"the data holds {n_tokens:,} tokens, fewer than one block of "
+                     f"{block_size + 1} (block_size + 1); add shards or lower the block size")
+
+
 class RandomAccess:
     """A source whose every block is a pure function of its sample index (the token cache):
     nothing to release, no position to save; a resume is a seek."""
@@ -204,8 +209,7 @@ class PhasedBlocks(RandomAccess):
     def _n(self, T: int) -> int:
         n = (self.n_tokens - 1) // T
         if n < 1:
-            raise DataError(f"the data holds {self.n_tokens:,} tokens, fewer than one block of "
-                            f"{T + 1} (block_size + 1); add shards or lower the block size")
+            raise too_short(self.n_tokens, T)
         return n
 
     def native(self, T: int, epoch: int) -> Cut:

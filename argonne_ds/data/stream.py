@@ -46,11 +46,6 @@ def window_order(seed: int, epoch: int, window: int, size: int, shuffle: bool) -
     return layout.window_order((seed, epoch, window), size, shuffle)
 
 
-def _too_short(n_tokens: int, block_size: int) -> DataError:
-    return DataError(f"the data holds {n_tokens:,} tokens, fewer than one block of "
-                     f"{block_size + 1} (block_size + 1); add shards or lower the block size")
-
-
 class CachedBlocks(layout.RandomAccess):
     """Blocks straight from the memory-mapped cache: any block in O(1)."""
 
@@ -60,7 +55,7 @@ class CachedBlocks(layout.RandomAccess):
         self.T = block_size
         self.n_epoch = (len(self.store) - 1) // block_size
         if self.n_epoch < 1:
-            raise _too_short(len(self.store), block_size)
+            raise layout.too_short(len(self.store), block_size)
         self.seed, self.window = seed, max(1, shuffle_window)
         self.shuffle = shuffle_window > 1
         self._orders: dict[tuple[int, int], np.ndarray] = {}
@@ -106,7 +101,7 @@ class StreamedBlocks:
         if self.carry is None:
             first = self.reader.read(1)
             if not len(first):
-                raise _too_short(0, self.T)
+                raise layout.too_short(0, self.T)
             self.carry = int(first[0])
         raw = []
         for _ in range(self.window):
@@ -116,7 +111,7 @@ class StreamedBlocks:
             raw.append(np.concatenate([[self.carry], new]).astype(TOKEN_DTYPE))
             self.carry = int(new[-1])
         if not raw and self.j == 0:
-            raise _too_short(self.T, self.T)
+            raise layout.too_short(self.T, self.T)
         order = window_order(self.seed, self.epoch, self.j, len(raw), self.shuffle)
         self.blocks = [raw[i] for i in order]
         if len(raw) < self.window:
